@@ -1,0 +1,266 @@
+"""Multi-view depth rendering of a point cloud (KR-MAE section "Multi-view 2D Rendering from 3D").
+
+Implements
+    Eq. (1): m_i = Project(P; theta_i),  m_i in R^{H x W x 3}
+with PointCLIP V2's realistic projection, batched over clouds and views at once:
+    rotate -> normalise per view -> Voxelize -> Densify (max-pool) -> Smooth (Gaussian) -> Squeeze (max over depth)
+    -> 1 - depth / max -> 3 identical channels -> bilinear resize to H x W.
+`project` sends any 3-D query point (later: the group centres) to its (row, col) pixel in every output image,
+through exactly the same transform, so a point and the patch drawn from it can be paired (Part and Masking
+Alignment).
+
+Shapes: B clouds, N points, M query points, V views, H x W output image (H = W = image_size).
+
+Paper symbol -> name
+    P        -> points (B, N, 3)
+    theta_i  -> rotations[i] (a 3 x 3 view rotation, see `view_rotations`)
+    v        -> num_views
+    m_i      -> images[:, i] (B, 3, H, W)
+    H, W     -> image_size
+
+Conventions (one for the whole file; NOTE(unspecified): the paper gives none, we take PointCLIP V2's)
+    A view rotation M acts on column vectors: p' = M p.  M = Ry(tilt) @ Rx(a) @ Ry(b) @ Rz(c) with the
+    right-handed axis rotations below, i.e. PointCLIP V2's R = Rx Ry Rz followed by the extra tilt about y.
+    In the rotated frame the camera looks down -z from +z: a larger z' is nearer and is drawn darker.
+    Image rows (first spatial axis) follow x', image columns follow y'; x' x y' = z', so the picture is not
+    mirrored.  With c = pi/2 in every view, a y-up shape appears upright (+y towards row 0).
+
+Demo: `python render.py [--out render_demo.png]` renders the 10 views of a small chair and marks a few
+projected points on each view.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# PointCLIP V2 realistic-projection constants (REFERENCE sec. 2).
+DEPTH_BIAS = 0.2  # PointCLIP V2: zf = ((z + 1) / 2 + 0.2) / 1.2 * (depth_bins - 2)
+SIDE_TILT = math.pi / 9  # PointCLIP V2: extra tilt of the 8 side views
+TOP_TILT = math.pi / 15  # PointCLIP V2: extra tilt of the top and bottom views
+
+
+def axis_rotation(axis: str, angle: float) -> torch.Tensor:
+    """Right-handed rotation by `angle` radians about the x, y or z axis, acting on column vectors."""
+    c, s = math.cos(angle), math.sin(angle)
+    matrices = {
+        "x": [[1, 0, 0], [0, c, -s], [0, s, c]],
+        "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+        "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]],
+    }
+    return torch.tensor(matrices[axis], dtype=torch.float64)  # (3, 3)
+
+
+def view_rotations(num_views: int = 10) -> torch.Tensor:
+    """The view rotations theta_1..theta_V of Eq. (1) as float32 matrices (V, 3, 3), p' = M p.
+
+    Order (PointCLIP V2's): 0-3 oblique sides (x = pi/4, 3pi/4, 5pi/4, 7pi/4), 4-7 axis-aligned sides
+    (x = 0, pi/2, pi, 3pi/2), all with y = 0, z = pi/2, tilt pi/9; 8 (0, -pi/2, pi/2) and 9 (0, pi/2, pi/2),
+    tilt pi/15, PointCLIP V2's "top and bottom" (with our p' = M p and nearer = larger z', a y-up shape is seen
+    from below in view 8 and from above in view 9).  num_views <= 10 takes the first num_views of these.
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be at least 1, but {num_views} was given.")
+    angles = [(k * math.pi / 4, 0.0, math.pi / 2, SIDE_TILT) for k in (1, 3, 5, 7)]  # PointCLIP V2 oblique
+    angles += [(k * math.pi / 2, 0.0, math.pi / 2, SIDE_TILT) for k in range(4)]  # PointCLIP V2 axis sides
+    angles += [(0.0, -math.pi / 2, math.pi / 2, TOP_TILT), (0.0, math.pi / 2, math.pi / 2, TOP_TILT)]
+    # NOTE(unspecified): the paper uses the 10 PointCLIP V2 views; for more views we add a second ring of
+    # E = num_views - 10 side views x = 2 pi (k + 1/2) / E seen from slightly below (tilt -pi/9), so that no
+    # added view repeats one of the first ten.
+    extra = num_views - 10
+    angles += [(2 * math.pi * (k + 0.5) / extra, 0.0, math.pi / 2, -SIDE_TILT) for k in range(max(extra, 0))]
+    rotations = [
+        axis_rotation("y", tilt) @ axis_rotation("x", a) @ axis_rotation("y", b) @ axis_rotation("z", c)
+        for a, b, c, tilt in angles[:num_views]
+    ]
+    return torch.stack(rotations).float()  # (V, 3, 3)
+
+
+def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
+    """Normalised 2-D Gaussian as a Conv3d weight of depth 1: (1, 1, 1, size, size)."""
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2  # (size,)
+    profile = torch.exp(-(offsets**2) / (2 * sigma**2))  # (size,)
+    kernel = profile[:, None] * profile[None, :]  # (size, size)
+    return (kernel / kernel.sum()).float().view(1, 1, 1, size, size)  # (1, 1, 1, size, size)
+
+
+def pixels_to_patches(pixels: torch.Tensor, image_size: int, patch_size: int = 16) -> torch.Tensor:
+    """Index of the patch_size x patch_size patch holding each (row, col) pixel: (..., 2) -> (...) long."""
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}).")
+    if pixels.shape[-1] != 2:
+        raise ValueError(f"pixels must end in a (row, col) axis of size 2, but have shape {tuple(pixels.shape)}.")
+    rows, cols = pixels.long().unbind(-1)  # (...), (...)
+    # Row-major patch order, as a ViT flattens its patch grid (REFERENCE sec. 3).
+    return (rows // patch_size) * (image_size // patch_size) + cols // patch_size  # (...)
+
+
+class MultiViewRenderer(nn.Module):
+    """Project(P; theta_i) of Eq. (1) for all V views: points (B, N, 3) -> images (B, V, 3, H, W)."""
+
+    def __init__(self, num_views=10, image_size=112, grid_size=112, depth_bins=8, obj_ratio=0.8,
+                 densify_kernel=7, smooth_sigma=3.0):
+        super().__init__()
+        if densify_kernel < 3 or densify_kernel % 2 == 0:
+            raise ValueError(f"densify_kernel must be an odd number >= 3, but {densify_kernel} was given.")
+        if grid_size < 8 or depth_bins < 3 or image_size < 1:
+            raise ValueError(f"Need grid_size >= 8, depth_bins >= 3 and image_size >= 1, but got {grid_size}, "
+                             f"{depth_bins} and {image_size}.")
+        self.num_views, self.image_size = num_views, image_size
+        self.grid_size, self.depth_bins, self.obj_ratio = grid_size, depth_bins, obj_ratio  # PointCLIP V2: 112, 8, 0.8
+        self.densify_kernel = densify_kernel  # PointCLIP V2: 7
+        # NOTE(unspecified): PointCLIP V2 pads the 7-wide window by 2; padding (k - 3) / 2 keeps that for k = 7
+        # and keeps its 2-pixel shrink (112 -> 110) and 1-pixel window offset for any odd kernel k.
+        self.densify_padding = (densify_kernel - 3) // 2
+        self.map_size = grid_size - 2  # side of the depth map after Densify (110 for a 112 grid)
+        # Derived from the arguments, so not saved in checkpoints.
+        self.register_buffer("rotations", view_rotations(num_views), persistent=False)  # (V, 3, 3)
+        self.register_buffer("smooth_kernel", gaussian_kernel(smooth_sigma), persistent=False)  # (1, 1, 1, 3, 3)
+
+    def normalise(self, points: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate into every view, centre on the view's bounding-box middle, longest extent -> [-1, 1], x, y times
+        obj_ratio.  The box comes from `points`; it is applied to `query` (default: the points themselves)."""
+        if points.dim() != 3 or points.shape[-1] != 3 or points.shape[1] == 0:
+            raise ValueError(f"points must have shape (B, N, 3) with N >= 1, but have {tuple(points.shape)}.")
+        query = points if query is None else query
+        if query.dim() != 3 or query.shape[-1] != 3 or query.shape[0] != points.shape[0]:
+            raise ValueError(f"query must have shape (B, M, 3) with B = {points.shape[0]}, "
+                             f"but has {tuple(query.shape)}.")
+        columns = self.rotations.to(points.device)[None, :, None]  # (1, V, 1, 3, 3)
+
+        def rotate(cloud):  # (B, M, 3) -> (B, V, M, 3)
+            cloud = cloud.float()[:, None, :, None, :]  # (B, 1, M, 1, 3)
+            # p' = M p written as three explicit terms: a point gets bit-identical coordinates whether it is
+            # rendered or queried, so forward() and project() agree to the pixel.
+            return (cloud[..., 0] * columns[..., 0] + cloud[..., 1] * columns[..., 1]
+                    + cloud[..., 2] * columns[..., 2])  # (B, V, M, 3)
+
+        rotated_points = rotate(points)  # (B, V, N, 3)
+        rotated_query = rotated_points if query is points else rotate(query)  # (B, V, M, 3)
+        upper = rotated_points.amax(dim=2, keepdim=True)  # (B, V, 1, 3)
+        lower = rotated_points.amin(dim=2, keepdim=True)  # (B, V, 1, 3)
+        middle = (upper + lower) / 2  # (B, V, 1, 3)
+        # Guard a single point (zero extent): it then sits at the centre of the image.
+        extent = (upper - lower).amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, V, 1, 1)
+        normalised = (rotated_query - middle) / extent * 2  # (B, V, M, 3) in [-1, 1] on the longest axis
+        ratio = normalised.new_tensor([self.obj_ratio, self.obj_ratio, 1.0])  # (3,) PointCLIP V2: 0.8
+        return normalised * ratio  # (B, V, M, 3)
+
+    def grid_coordinates(self, normalised: torch.Tensor):
+        """Voxel (row, col) and continuous depth zf of normalised points, REFERENCE sec. 2 formulas exactly.
+        NOTE(deviation): PointCLIP V2 writes the grid at (x, y) and reads the image back at (y, x); we use one
+        convention everywhere: row from x', column from y' (the layout of PointCLIP V2's rendered images)."""
+        x, y, z = normalised.unbind(-1)  # 3 x (B, V, M)
+        g, d = self.grid_size, self.depth_bins
+        rows = torch.ceil((x + 1) / 2 * g).clamp(1, g - 2).long()  # (B, V, M) in [1, g - 2]
+        cols = torch.ceil((y + 1) / 2 * g).clamp(1, g - 2).long()  # (B, V, M) in [1, g - 2]
+        depth = (((z + 1) / 2 + DEPTH_BIAS) / (1 + DEPTH_BIAS) * (d - 2)).clamp(1, d - 2)  # (B, V, M) zf
+        return rows, cols, depth
+
+    def voxelize(self, points: torch.Tensor) -> torch.Tensor:
+        """Voxelize: each voxel keeps the largest zf of its points, empty voxels 0 -> (B, V, depth_bins, g, g)."""
+        rows, cols, depth = self.grid_coordinates(self.normalise(points))  # 3 x (B, V, N)
+        B, V, N = rows.shape
+        g, d = self.grid_size, self.depth_bins
+        bins = torch.ceil(depth).long()  # (B, V, N) depth bin in [1, d - 2]
+        # All B * V grids live in one flat tensor, so a single scatter fills every view of every cloud.
+        image_index = torch.arange(B * V, device=points.device).view(B, V, 1)  # (B, V, 1)
+        flat_index = ((image_index * d + bins) * g + rows) * g + cols  # (B, V, N)
+        grid = torch.zeros(B * V * d * g * g, device=points.device)  # (B * V * d * g * g,)
+        grid.scatter_reduce_(0, flat_index.reshape(-1), depth.reshape(-1), reduce="amax", include_self=True)
+        return grid.view(B, V, d, g, g)  # (B, V, depth_bins, g, g)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Eq. (1) for every view: points (B, N, 3) -> images (B, V, 3, H, W) in [0, 1], background 1."""
+        with torch.autocast(device_type=points.device.type, enabled=False):  # depth maps stay float32
+            grid = self.voxelize(points)  # (B, V, d, g, g)
+            B, V = grid.shape[:2]
+            grid = grid.flatten(0, 1).unsqueeze(1)  # (B * V, 1, d, g, g)
+            k, pad = self.densify_kernel, self.densify_padding
+            # Densify: a (1, 7, 7) max-pool fills the holes between projected points; 112 -> 110.
+            dense = F.max_pool3d(grid, kernel_size=(1, k, k), stride=1, padding=(0, pad, pad))  # (BV, 1, d, 110, 110)
+            # Smooth: Gaussian (1, 3, 3), sigma 3, within each depth slice.
+            smooth = F.conv3d(dense, self.smooth_kernel.to(dense), padding=(0, 1, 1))  # (BV, 1, d, 110, 110)
+            # Squeeze: the nearest (largest) depth along each pixel's ray.
+            depth_map = smooth.amax(dim=2)  # (BV, 1, 110, 110)
+            # Guard an image with nothing drawn: the division then leaves 0 and the image stays background 1.
+            peak = depth_map.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # (BV, 1, 1, 1)
+            image = 1 - depth_map / peak  # (BV, 1, 110, 110) PointCLIP V2: near surfaces dark
+            size = (self.image_size, self.image_size)
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)  # (BV, 1, H, W)
+            image = image.clamp(0, 1).repeat(1, 3, 1, 1)  # (BV, 3, H, W), paper footnote 1: identical channels
+        return image.view(B, V, 3, *size)  # (B, V, 3, H, W)
+
+    def project(self, points: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """(row, col) pixel of every query point in every output image: (B, M, 3) -> (B, V, M, 2) long.
+
+        Grid pixel g (row or col, in [1, grid - 2]) -> output pixel o:
+          Densify output pixel j reads grid pixels j - pad .. j - pad + k - 1, centred on j + (k - 1) / 2 - pad
+          = j + 1, so grid pixel g is the centre of depth-map pixel j = g - 1 (in [0, map_size - 1]).
+          Bilinear resizing (align_corners=False) puts the centre of depth-map pixel j at output coordinate
+          (j + 0.5) * H / map_size - 0.5, whose nearest output pixel is o = floor((j + 0.5) * H / map_size),
+          computed in integers as ((2 j + 1) H) // (2 map_size), then clamped to [0, H - 1].
+        """
+        with torch.autocast(device_type=points.device.type, enabled=False):
+            rows, cols, _ = self.grid_coordinates(self.normalise(points, query))  # 2 x (B, V, M)
+        grid_pixels = torch.stack([rows, cols], dim=-1)  # (B, V, M, 2) row from x', col from y'
+        map_pixels = grid_pixels - ((self.densify_kernel - 1) // 2 - self.densify_padding)  # (B, V, M, 2)
+        pixels = ((2 * map_pixels + 1) * self.image_size) // (2 * self.map_size)  # (B, V, M, 2)
+        return pixels.clamp(0, self.image_size - 1)  # (B, V, M, 2)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    parser = argparse.ArgumentParser(description="Render the 10 views of a small chair and mark projected points.")
+    parser.add_argument("--out", default="render_demo.png", help="where to write the PNG grid of views")
+    args = parser.parse_args()
+
+    # A chair, y up: seat, backrest at the back (-z), four legs.  Points on the box surfaces, about 2048.
+    boxes = np.array([  # (min x, min y, min z, max x, max y, max z)
+        [-0.5, 0.0, -0.5, 0.5, 0.1, 0.5],  # seat
+        [-0.5, 0.1, -0.5, 0.5, 1.0, -0.4],  # backrest
+        *[[x - 0.05, -0.8, z - 0.05, x + 0.05, 0.0, z + 0.05] for x in (-0.4, 0.4) for z in (-0.4, 0.4)],  # legs
+    ])
+    generator = np.random.default_rng(0)
+    sides = boxes[:, 3:] - boxes[:, :3]  # (6, 3)
+    areas = 2 * (sides[:, 0] * sides[:, 1] + sides[:, 1] * sides[:, 2] + sides[:, 0] * sides[:, 2])  # (6,)
+    box_of_point = generator.choice(len(boxes), size=2048, p=areas / areas.sum())  # (N,)
+    low, side = boxes[box_of_point, :3], sides[box_of_point]  # (N, 3), (N, 3)
+    cloud = low + generator.random((2048, 3)) * side  # (N, 3) inside the boxes
+    # Snap each point onto a face: the face's axis drawn in proportion to the face area.
+    face_area = np.stack([side[:, 1] * side[:, 2], side[:, 0] * side[:, 2], side[:, 0] * side[:, 1]], 1)  # (N, 3)
+    axis = (generator.random((2048, 1)) * face_area.sum(1, keepdims=True) > np.cumsum(face_area, 1)).sum(1)  # (N,)
+    upper_face = generator.random(2048) < 0.5  # (N,)
+    cloud[np.arange(2048), axis] = low[np.arange(2048), axis] + upper_face * side[np.arange(2048), axis]
+    points = torch.from_numpy(cloud).float().unsqueeze(0)  # (1, N, 3)
+    marked = torch.tensor([[0.0, 1.0, -0.45], [0.4, -0.8, 0.4], [0.0, 0.1, 0.5], [-0.4, -0.8, -0.4]])  # (M, 3)
+    colours = [(230, 30, 30), (30, 90, 230), (20, 170, 60), (240, 170, 0)]  # backrest top, legs, seat front
+
+    renderer = MultiViewRenderer()
+    print("points", tuple(points.shape), "rotations", tuple(renderer.rotations.shape))
+    print("voxel grid", tuple(renderer.voxelize(points).shape))
+    images = renderer(points)  # (1, V, 3, H, W)
+    print("images", tuple(images.shape), f"values in [{images.min():.3f}, {images.max():.3f}]")
+    pixels = renderer.project(points, marked.unsqueeze(0))  # (1, V, M, 2)
+    print("projected pixels", tuple(pixels.shape), "patch indices",
+          tuple(pixels_to_patches(pixels, renderer.image_size).shape))
+    print("view 4 pixels (row, col):", pixels[0, 4].tolist())
+
+    scale, size = 2, renderer.image_size
+    canvas = Image.new("RGB", (5 * size * scale, 2 * size * scale), "white")
+    draw = ImageDraw.Draw(canvas)
+    for view in range(renderer.num_views):
+        grey = (images[0, view, 0].numpy() * 255).round().astype(np.uint8)  # (H, W)
+        tile = Image.fromarray(grey).convert("RGB").resize((size * scale, size * scale), Image.NEAREST)
+        top, left = (view // 5) * size * scale, (view % 5) * size * scale
+        canvas.paste(tile, (left, top))
+        for (row, col), colour in zip(pixels[0, view].tolist(), colours):
+            y, x = top + row * scale, left + col * scale  # rows are the image's vertical axis
+            draw.rectangle([x - 2, y - 2, x + 3, y + 3], fill=colour)
+        draw.text((left + 4, top + 4), f"view {view}", fill=(0, 0, 0))
+    canvas.save(args.out)
+    print("wrote", args.out)
