@@ -1,0 +1,168 @@
+"""Tests for tokenizer.py: FPS and KNN against slow references, grouping invariants, the frozen 2-D tower."""
+import numpy as np
+import pytest
+import torch
+
+import tokenizer
+
+TINY_TOWER = dict(width=64, layers=2, heads=2, patch_size=16)
+
+
+def slow_farthest_point_sample(points, num_samples, start):
+    """Textbook FPS for one cloud (N, 3) in float64 numpy."""
+    chosen = [start]
+    nearest = np.full(len(points), np.inf)
+    for _ in range(num_samples - 1):
+        nearest = np.minimum(nearest, ((points - points[chosen[-1]]) ** 2).sum(axis=1))
+        chosen.append(int(np.argmax(nearest)))
+    return chosen
+
+
+def random_cloud(batch_size=3, num_points=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch_size, num_points, 3, generator=generator) * 2 - 1
+
+
+def test_fps_matches_slow_reference_and_picks_distinct_cloud_points():
+    points = random_cloud()
+    start_index = torch.tensor([0, 17, 299])
+    index = tokenizer.farthest_point_sample(points, 32, start_index)
+    assert index.shape == (3, 32) and index.dtype == torch.long
+    for b in range(3):
+        expected = slow_farthest_point_sample(points[b].double().numpy(), 32, int(start_index[b]))
+        assert index[b].tolist() == expected
+        assert len(set(index[b].tolist())) == 32  # distinct centres
+    centers = tokenizer.gather_points(points, index)
+    # Every centre is a point of the cloud (an exact coordinate match).
+    assert ((centers[:, :, None, :] == points[:, None, :, :]).all(-1).any(-1)).all()
+    # start_index None means point 0.
+    zeros = torch.zeros(3, dtype=torch.long)
+    assert torch.equal(tokenizer.farthest_point_sample(points, 32), tokenizer.farthest_point_sample(points, 32, zeros))
+
+
+def test_knn_matches_brute_force():
+    points = random_cloud(batch_size=2, num_points=200, seed=1)
+    centers = random_cloud(batch_size=2, num_points=10, seed=2)
+    index = tokenizer.knn_indices(points, centers, 16)
+    assert index.shape == (2, 10, 16)
+    distance = ((centers[:, :, None] - points[:, None]) ** 2).sum(-1).double()  # (B, G, N)
+    expected = distance.sort(dim=-1).values[..., :16]
+    found = torch.gather(distance, 2, index)
+    torch.testing.assert_close(found, expected)  # nearest first, same distances as brute force
+    for b in range(2):
+        for g in range(10):
+            brute = set(distance[b, g].argsort()[:16].tolist())
+            assert set(index[b, g].tolist()) == brute
+
+
+def test_groups_hold_k_distinct_points_relative_to_their_centre():
+    points = random_cloud(batch_size=2, num_points=256, seed=3)
+    centers, neighborhoods = tokenizer.group_points(points, num_groups=16, group_size=32)
+    assert centers.shape == (2, 16, 3) and neighborhoods.shape == (2, 16, 32, 3)
+    index = tokenizer.knn_indices(points, centers, 32)
+    for b in range(2):
+        for g in range(16):
+            assert len(set(index[b, g].tolist())) == 32
+    torch.testing.assert_close(neighborhoods + centers[:, :, None], tokenizer.gather_points(points, index))
+    # The nearest neighbour of a centre is the centre itself, at the origin.
+    assert torch.equal(neighborhoods[:, :, 0], torch.zeros(2, 16, 3))
+
+
+def test_grouping_is_float32_and_unchanged_under_autocast():
+    points = random_cloud(batch_size=2, num_points=256, seed=4)
+    reference_centers, reference_neighborhoods = tokenizer.group_points(points, 16, 8)
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        centers, neighborhoods = tokenizer.group_points(points, 16, 8)
+    assert centers.dtype == torch.float32
+    assert torch.equal(centers, reference_centers) and torch.equal(neighborhoods, reference_neighborhoods)
+
+
+def test_point_tokens_are_invariant_to_point_order():
+    torch.manual_seed(0)
+    model = tokenizer.PointTokenizer(num_groups=16, group_size=16, dim=32)
+    model.train()
+    model(random_cloud(batch_size=4, num_points=256, seed=5))  # non-trivial BatchNorm running statistics
+    model.eval()
+    points = random_cloud(batch_size=2, num_points=256, seed=6)
+    permutation = torch.randperm(256)
+    permuted = points[:, permutation]
+    # The same physical start point: where point 0 went.
+    start_index = torch.argsort(permutation)[0].repeat(2)
+    with torch.no_grad():
+        tokens, centers, _ = model(points)
+        permuted_tokens, permuted_centers, _ = model(permuted, start_index)
+    assert tokens.shape == (2, 16, 32)
+    torch.testing.assert_close(permuted_centers, centers)
+    torch.testing.assert_close(permuted_tokens, tokens, atol=1e-5, rtol=1e-5)
+    assert tokens.std() > 0  # not a degenerate constant output
+
+
+def test_center_embedding_shape_and_dependence_on_position():
+    embedding = tokenizer.CenterEmbedding(dim=48)
+    centers = random_cloud(batch_size=2, num_points=5, seed=7)
+    out = embedding(centers)
+    assert out.shape == (2, 5, 48)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_image_tokens_have_one_token_per_patch():
+    model = tokenizer.ImagePatchTokenizer(dim=32, image_size=112, random_tower=TINY_TOWER)
+    assert model.visual_is_pretrained is False and model.num_patches == 49
+    images = torch.rand(2, 3, 3, 112, 112)
+    assert model(images).shape == (2, 3, 49, 32)
+    with pytest.raises(ValueError, match="Expected images"):
+        model(torch.rand(2, 3, 3, 64, 64))
+
+
+def test_patch_path_matches_clip_forward_on_the_class_token():
+    # Our manual walk through the tower (layout, class token, positions) must agree with CLIP's own forward.
+    model = tokenizer.ImagePatchTokenizer(dim=32, image_size=112, random_tower=TINY_TOWER)
+    images = torch.rand(3, 3, 112, 112)
+    with torch.no_grad():
+        ours = model.run_tower(images)[:, 0] @ model.visual.proj
+        clips = model.visual(images)
+    torch.testing.assert_close(ours, clips, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_proj_and_pos_embed_but_not_the_frozen_tower():
+    model = tokenizer.ImagePatchTokenizer(dim=32, image_size=112, random_tower=TINY_TOWER).train()
+    model(torch.rand(2, 2, 3, 112, 112)).square().mean().backward()
+    assert all(parameter.grad is None and not parameter.requires_grad for parameter in model.visual.parameters())
+    assert model.proj.weight.grad is not None and model.proj.weight.grad.abs().sum() > 0
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+def test_train_mode_leaves_the_tower_in_eval_mode():
+    model = tokenizer.ImagePatchTokenizer(dim=32, image_size=112, random_tower=TINY_TOWER)
+    container = torch.nn.ModuleDict({"image_tokenizer": model})
+    container.train()
+    assert model.training and model.proj.training
+    assert not any(module.training for module in model.visual.modules())
+
+
+def test_positional_interpolation_keeps_class_position_and_gives_7x7_grid(monkeypatch):
+    table = torch.randn(1 + 14 * 14, 24)
+    resized = tokenizer.interpolate_positional_embedding(table, 7)
+    assert resized.shape == (1 + 7 * 7, 24)
+    assert torch.equal(resized[0], table[0])
+    # A constant patch table stays constant (bicubic weights sum to one).
+    constant = torch.cat([torch.zeros(1, 4), torch.full((196, 4), 0.3)])
+    torch.testing.assert_close(tokenizer.interpolate_positional_embedding(constant, 7)[1:], torch.full((49, 4), 0.3))
+    # Same grid: untouched.
+    assert torch.equal(tokenizer.interpolate_positional_embedding(table, 14), table)
+    # Inside the tokenizer, as with pre-trained CLIP: a tower built for 224 pixels (14 x 14), read at 112 (7 x 7).
+    build = tokenizer.build_random_tower
+    monkeypatch.setattr(tokenizer, "build_random_tower", lambda image_size, **tower: build(224, **tower))
+    model = tokenizer.ImagePatchTokenizer(dim=8, image_size=112, random_tower=TINY_TOWER)
+    original = model.visual.positional_embedding
+    assert original.shape == (197, 64)  # CLIP's own parameter is left as it was
+    assert model.tower_positional_embedding.shape == (50, 64)
+    assert torch.equal(model.tower_positional_embedding[0], original[0].detach())
+    assert model(torch.rand(1, 2, 3, 112, 112)).shape == (1, 2, 49, 8)
+
+
+def test_missing_checkpoint_gives_a_clear_error():
+    with pytest.raises(RuntimeError) as error:
+        tokenizer.ImagePatchTokenizer(clip_model="/nonexistent/ViT-B-16.pt")
+    message = str(error.value)
+    assert "/nonexistent/ViT-B-16.pt" in message and "local path" in message and "random_tower" in message

@@ -1,0 +1,356 @@
+"""Multi-view 2D and 3D Embedding (KR-MAE paper, section "Multi-view 2D and 3D Embedding", Eq. 2 and 3).
+
+Turns a point cloud into 3-D tokens and its rendered views into 2-D tokens of the same width D.
+  Eq. (3): E_3D = PointNet(P): FPS picks G centres, KNN gathers K points around each, a mini-PointNet
+           embeds each neighbourhood (coordinates relative to its centre) into one token (Point-BERT/Point-MAE).
+           The centres' positional embedding (CenterEmbedding) is added later, by the transformer, at every block.
+  Eq. (2): E_2D^i = ViT(m_i): a frozen CLIP ViT reads each view; we keep all P last-layer patch tokens, map them
+           to width D with a learnable Linear and add a learnable 2-D positional embedding.
+
+The file is named tokenizer.py, not tokenize.py: a tokenize.py at the repository root would shadow the standard
+library's `tokenize` module and break `import torch` from there.
+
+Shapes: B batch, N points, G groups/tokens, K points per group, V views, H x W image, P patches per image,
+D width, C the CLIP tower's own width.
+Paper symbol -> name: n -> num_groups (G), p -> group_size (K), d^E -> dim (D), m = HW/256 -> num_patches (P),
+m_i -> images[:, i], E_3D -> tokens, E_2D^i -> tokens_2d[:, i].
+Demo: `python tokenizer.py [--out tokenizer_demo.png]` prints every shape and draws the cloud coloured by group.
+"""
+import argparse
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# CLIP's image normalisation (the statistics its image tower was trained with).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------- 3-D path: FPS, KNN, grouping (Eq. 3)
+def gather_points(points, index):
+    """points (B, N, C), index (B, ...) long -> (B, ..., C): points[b, index[b]] for every b."""
+    batch = torch.arange(points.shape[0], device=points.device).view(-1, *([1] * (index.dim() - 1)))
+    return points[batch, index]  # (B, ..., C)
+
+
+@torch.no_grad()
+def farthest_point_sample(points, num_samples, start_index=None):
+    """Farthest point sampling: (B, N, 3) -> (B, G) long indices; start_index (B,) long, None means point 0.
+
+    Each step takes the point farthest from everything chosen so far (ties: lowest index, as argmax does).
+    The loop runs over the G samples only; batch and points are vectorised.
+    """
+    batch_size, num_points, _ = points.shape
+    if num_samples > num_points:
+        raise ValueError(f"Cannot sample {num_samples} distinct centres from a cloud of {num_points} points.")
+    # Distances decide which point is chosen, so they are computed in float32 even under autocast.
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        points = points.float()  # (B, N, 3)
+        # NOTE(unspecified): the paper does not say where FPS starts; we start at point 0 (like the common CUDA
+        # FPS kernel), so grouping is deterministic; the loaders' random point subsets make that point random.
+        if start_index is None:
+            start_index = torch.zeros(batch_size, dtype=torch.long, device=points.device)  # (B,)
+        selected = torch.empty(batch_size, num_samples, dtype=torch.long, device=points.device)  # (B, G)
+        # Squared distance of every point to its nearest selected point so far.
+        nearest_distance = torch.full((batch_size, num_points), float("inf"), device=points.device,
+                                      dtype=points.dtype)  # (B, N)
+        current = start_index.to(device=points.device, dtype=torch.long)  # (B,)
+        for step in range(num_samples):
+            selected[:, step] = current
+            current_point = gather_points(points, current[:, None])  # (B, 1, 3)
+            distance = ((points - current_point) ** 2).sum(-1)  # (B, N)
+            nearest_distance = torch.minimum(nearest_distance, distance)
+            # Chosen points have distance 0, so they are never picked again.
+            current = nearest_distance.argmax(dim=-1)  # (B,)
+    return selected
+
+
+@torch.no_grad()
+def knn_indices(points, centers, k):
+    """The k nearest points (among ALL N) of every centre: (B, N, 3), (B, G, 3) -> (B, G, K) long, nearest first."""
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        # The direct difference formula is exact for ties and small distances (the matmul form is not).
+        distance = torch.cdist(centers.float(), points.float(),
+                               compute_mode="donot_use_mm_for_euclid_dist")  # (B, G, N)
+        return distance.topk(k, dim=-1, largest=False, sorted=True).indices  # (B, G, K)
+
+
+def group_points(points, num_groups, group_size, start_index=None):
+    """Eq. (3) grouping: (B, N, 3) -> centers (B, G, 3), neighborhoods (B, G, K, 3) relative to their centre."""
+    center_index = farthest_point_sample(points, num_groups, start_index)  # (B, G)
+    centers = gather_points(points, center_index)  # (B, G, 3)
+    neighbor_index = knn_indices(points, centers, group_size)  # (B, G, K)
+    # Relative coordinates, not rescaled (Point-MAE); the first neighbour is the centre itself, at the origin.
+    neighborhoods = gather_points(points, neighbor_index) - centers.unsqueeze(2)  # (B, G, K, 3)
+    return centers, neighborhoods
+
+
+# ---------------------------------------------------------------- 3-D path: embeddings (Eq. 3)
+class MiniPointNet(nn.Module):
+    """The lightweight PointNet of Eq. (3), with Point-MAE's sizes: one D-wide token per neighbourhood."""
+
+    def __init__(self, dim=384):
+        super().__init__()
+        # Point-MAE: Conv1d 3->128, BN, ReLU, Conv1d 128->256 (shared over the K points).
+        self.first_conv = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
+                                        nn.Conv1d(128, 256, 1))
+        # Point-MAE: Conv1d 512->512, BN, ReLU, Conv1d 512->D on [global, local] features.
+        self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                                         nn.Conv1d(512, dim, 1))
+
+    def forward(self, neighborhoods):
+        batch_size, num_groups, group_size, _ = neighborhoods.shape
+        # Every group is an independent sample for the 1x1 convolutions.
+        x = neighborhoods.reshape(batch_size * num_groups, group_size, 3).transpose(1, 2)  # (B*G, 3, K)
+        local_features = self.first_conv(x)  # (B*G, 256, K)
+        # Max over the K points: symmetric, so the token ignores the order of the points in a group.
+        global_feature = local_features.max(dim=2, keepdim=True).values  # (B*G, 256, 1)
+        x = torch.cat([global_feature.expand(-1, -1, group_size), local_features], dim=1)  # (B*G, 512, K)
+        x = self.second_conv(x)  # (B*G, D, K)
+        tokens = x.max(dim=2).values  # (B*G, D)
+        return tokens.reshape(batch_size, num_groups, -1)  # (B, G, D)  Eq. (3)
+
+
+class CenterEmbedding(nn.Module):
+    """Positional embedding of the group centres (Point-MAE): Linear(3, 128) -> GELU -> Linear(128, D)."""
+
+    def __init__(self, dim=384, hidden_dim=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+
+    def forward(self, centers):
+        return self.mlp(centers)  # (B, G, D)
+
+
+class PointTokenizer(nn.Module):
+    """Eq. (3) end to end: points (B, N, 3) -> tokens (B, G, D), centers (B, G, 3), neighborhoods (B, G, K, 3)."""
+
+    def __init__(self, num_groups=64, group_size=32, dim=384):  # Point-MAE: G = 64, K = 32, D = 384
+        super().__init__()
+        self.num_groups = num_groups
+        self.group_size = group_size
+        self.group_encoder = MiniPointNet(dim)
+
+    def forward(self, points, start_index=None):
+        # centers (B, G, 3), neighborhoods (B, G, K, 3)
+        centers, neighborhoods = group_points(points, self.num_groups, self.group_size, start_index)
+        tokens = self.group_encoder(neighborhoods)  # (B, G, D)  Eq. (3)
+        return tokens, centers, neighborhoods
+
+
+# ---------------------------------------------------------------- 2-D path: frozen CLIP ViT (Eq. 2)
+def import_clip():
+    """Import clip-anytorch lazily (it pulls in torchvision), silencing its pkg_resources deprecation warning."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+            import clip
+    except ImportError as error:
+        raise RuntimeError("The 2-D branch needs the package clip-anytorch "
+                           "(pip install clip-anytorch 'setuptools<81'), "
+                           f"which could not be imported: {error}") from error
+    return clip
+
+
+def load_clip_tower(clip_model="ViT-B/16"):
+    """The image tower of a pre-trained CLIP model: a model name (downloaded when online) or a local checkpoint path."""
+    clip = import_clip()
+    try:
+        model, _ = clip.load(clip_model, device="cpu", jit=False)
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load the CLIP model {clip_model!r}: {error}. Without internet access, pass a local path to the "
+            "ViT-B/16 checkpoint (the ViT-B-16.pt file that clip.load downloads into ~/.cache/clip) as clip_model, or "
+            "build a randomly initialised tower with "
+            "random_tower=dict(width=..., layers=..., heads=..., patch_size=16) "
+            "(for tests and quick runs; its features carry no pre-trained knowledge).") from error
+    return model.visual.float()
+
+
+def build_random_tower(image_size, width, layers, heads, patch_size=16):
+    """A randomly initialised CLIP VisionTransformer (same code as the pre-trained one) for tests and the CPU preset."""
+    clip = import_clip()
+    return clip.model.VisionTransformer(input_resolution=image_size, patch_size=patch_size, width=width,
+                                        layers=layers, heads=heads, output_dim=width)
+
+
+def interpolate_positional_embedding(table, grid_size):
+    """CLIP position table (1 + g*g, C) -> (1 + grid_size^2, C): bicubic over the patch grid, class position kept."""
+    class_position, patch_positions = table[:1], table[1:]  # (1, C), (g*g, C)
+    old_grid = int(round(patch_positions.shape[0] ** 0.5))
+    if old_grid * old_grid != patch_positions.shape[0]:
+        raise ValueError(f"Expected a square grid of patch positions, found {patch_positions.shape[0]} positions.")
+    if old_grid == grid_size:
+        return table.float().clone()
+    grid = patch_positions.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+    # Plain bicubic (align_corners=False, no antialiasing), the usual resampling of ViT position tables.
+    grid = F.interpolate(grid.float(), size=(grid_size, grid_size), mode="bicubic",
+                         align_corners=False)  # (1, C, grid, grid)
+    patch_positions = grid.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1)  # (grid^2, C)
+    return torch.cat([class_position.float(), patch_positions], dim=0)  # (1 + grid^2, C)
+
+
+class ImagePatchTokenizer(nn.Module):
+    """Eq. (2): images (B, V, 3, H, W) in [0, 1] -> 2-D tokens (B, V, P, D) from a frozen CLIP ViT's patch tokens."""
+
+    def __init__(self, dim=384, image_size=112, clip_model="ViT-B/16", random_tower=None):
+        super().__init__()
+        if random_tower is not None:
+            unknown = set(random_tower) - {"width", "layers", "heads", "patch_size"}
+            if unknown:
+                raise ValueError("random_tower takes width, layers, heads and patch_size; "
+                                 f"found also {sorted(unknown)}.")
+            visual = build_random_tower(image_size, **random_tower)
+        else:
+            visual = load_clip_tower(clip_model)
+        self.visual_is_pretrained = random_tower is None
+        # Frozen tower: no gradients, always eval mode (see train below), run under torch.no_grad in forward.
+        self.visual = visual.float().eval().requires_grad_(False)
+        self.image_size = image_size
+        patch_size = self.visual.conv1.kernel_size[0]
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size must be a multiple of the patch size {patch_size}; found {image_size}.")
+        self.grid_size = image_size // patch_size  # 112 / 16 = 7
+        self.num_patches = self.grid_size ** 2  # m = HW / 256 = 49
+        width = self.visual.conv1.out_channels  # C: 768 for ViT-B/16
+        # CLIP's table is for 224 x 224 (14 x 14 patches); it is interpolated once, here, to our grid and kept as
+        # a buffer used by forward; CLIP's own parameter is left untouched.
+        table = interpolate_positional_embedding(self.visual.positional_embedding.detach(), self.grid_size)
+        self.register_buffer("tower_positional_embedding", table, persistent=False)  # (1 + P, C)
+        # NOTE(deviation): PointCLIP V2 feeds its depth images to CLIP unnormalised; we apply CLIP's mean/std
+        # because the pre-trained tower was trained on images normalised that way.
+        self.register_buffer("image_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        # NOTE(unspecified): the paper maps patches "to a d^E-dimensional vector" without saying how; we skip CLIP's
+        # `proj` (trained only for the class token's image-text space) and learn one Linear(C -> D) on ln_post tokens.
+        self.proj = nn.Linear(width, dim)
+        # "augmented with learnable positional encodings": one table shared by all views.
+        # NOTE(unspecified): its initialisation; we use a truncated normal with std 0.02 (MAE-style).
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1, self.num_patches, dim))  # (1, 1, P, D)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def train(self, mode=True):
+        """Switch the learnable parts; the frozen tower stays in eval mode whatever `mode` is."""
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def run_tower(self, images):
+        """CLIP's visual forward up to ln_post, keeping ALL tokens: normalised (M, 3, H, W) -> (M, 1 + P, C)."""
+        visual = self.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (M, C, H/16, W/16)
+        x = x.flatten(2).transpose(1, 2)  # (M, P, C)
+        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (M, 1, C)
+        x = torch.cat([class_token, x], dim=1)  # (M, 1 + P, C)
+        x = x + self.tower_positional_embedding.to(x.dtype)  # (M, 1 + P, C)
+        x = visual.ln_pre(x)
+        # clip-anytorch's blocks use nn.MultiheadAttention with batch_first=False: sequence first, (1 + P, M, C).
+        sequence_first = not getattr(visual.transformer.resblocks[0].attn, "batch_first", False)
+        if sequence_first:
+            x = visual.transformer(x.transpose(0, 1)).transpose(0, 1)  # (M, 1 + P, C)
+        else:
+            x = visual.transformer(x)  # (M, 1 + P, C)
+        return visual.ln_post(x)  # (M, 1 + P, C)
+
+    def forward(self, images):
+        batch_size, num_views, channels, height, width = images.shape
+        if channels != 3 or height != self.image_size or width != self.image_size:
+            raise ValueError(f"Expected images (B, V, 3, {self.image_size}, {self.image_size}); "
+                             f"found {tuple(images.shape)}.")
+        # One batched tower call for all views of all shapes.
+        x = images.reshape(batch_size * num_views, 3, height, width)  # (B*V, 3, H, W)
+        x = (x - self.image_mean) / self.image_std  # CLIP normalisation
+        with torch.no_grad():
+            patch_tokens = self.run_tower(x)[:, 1:]  # (B*V, P, C): class token dropped
+        tokens = self.proj(patch_tokens)  # (B*V, P, D)  Eq. (2)
+        tokens = tokens.reshape(batch_size, num_views, self.num_patches, -1)  # (B, V, P, D)
+        return tokens + self.pos_embed  # (B, V, P, D)  Eq. (2) with learnable positions
+
+
+# ---------------------------------------------------------------- demo
+def demo_torus(num_points=1024, seed=0):
+    """A tilted torus of num_points points, centred and scaled into the unit sphere (numpy, no data files)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    around, tube = rng.uniform(0, 2 * np.pi, (2, num_points))
+    radius = 1.0 + 0.35 * np.cos(tube)
+    cloud = np.stack([radius * np.cos(around), radius * np.sin(around), 0.35 * np.sin(tube)], axis=1)  # (N, 3)
+    tilt = np.deg2rad(60.0)
+    rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+    cloud = cloud @ rotation.T
+    cloud -= cloud.mean(axis=0)
+    return (cloud / np.linalg.norm(cloud, axis=1).max()).astype(np.float32)
+
+
+def simple_depth_views(points, num_views=2, image_size=112):
+    """Crude orthographic depth splats (a stand-in for render.py): (B, N, 3) -> (B, V, 3, H, W), background 1."""
+    batch_size = points.shape[0]
+    images = torch.ones(batch_size, num_views, image_size * image_size)  # (B, V, H*W)
+    for view in range(num_views):  # demo only: a handful of views
+        angle = torch.tensor(torch.pi * view / num_views)
+        x = points[..., 0] * torch.cos(angle) + points[..., 2] * torch.sin(angle)  # (B, N)
+        depth = (points[..., 2] * torch.cos(angle) - points[..., 0] * torch.sin(angle) + 1) / 2  # (B, N) in [0, 1]
+        column = ((x + 1) / 2 * (image_size - 1)).long().clamp(0, image_size - 1)  # (B, N)
+        row = ((1 - points[..., 1]) / 2 * (image_size - 1)).long().clamp(0, image_size - 1)  # (B, N)
+        # The nearest point of each pixel wins (smallest depth).
+        images[:, view].scatter_reduce_(1, row * image_size + column, depth, reduce="amin")
+    images = images.reshape(batch_size, num_views, 1, image_size, image_size)  # (B, V, 1, H, W)
+    return images.expand(-1, -1, 3, -1, -1)  # (B, V, 3, H, W): all channels share the depth
+
+
+def draw_groups(points, centers, neighborhoods, path, size=480):
+    """Two orthographic panels: each point coloured by its nearest centre, and the K-point neighbourhoods."""
+    import colorsys
+    from PIL import Image, ImageDraw
+    num_groups = centers.shape[0]
+    # Golden-ratio hue steps keep consecutive groups far apart in colour.
+    hues = [(group * 0.618) % 1.0 for group in range(num_groups)]
+    palette = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, 0.9)) for hue in hues]
+    nearest_center = torch.cdist(points, centers).argmin(dim=1).tolist()  # (N,)
+    members = (neighborhoods + centers[:, None]).reshape(-1, 3)  # (G*K, 3)
+    member_group = torch.arange(num_groups).repeat_interleave(neighborhoods.shape[1]).tolist()  # (G*K,)
+    canvas = Image.new("RGB", (2 * size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def to_pixel(point, panel):
+        return panel * size + (point[0] + 1.05) / 2.1 * size, (1.05 - point[1]) / 2.1 * size
+
+    panels = [(points.tolist(), nearest_center), (members.tolist(), member_group)]
+    for panel, (coordinates, groups) in enumerate(panels):
+        for point, group in sorted(zip(coordinates, groups), key=lambda item: item[0][2]):  # far points first
+            u, v = to_pixel(point, panel)
+            draw.ellipse([u - 2.5, v - 2.5, u + 2.5, v + 2.5], fill=palette[group])
+    for center in centers.tolist():
+        u, v = to_pixel(center, 0)
+        draw.ellipse([u - 4, v - 4, u + 4, v + 4], outline="black", width=2)
+    draw.text((8, 8), "points coloured by nearest FPS centre (black rings)", fill="black")
+    draw.text((size + 8, 8), "K-nearest neighbourhoods (later groups drawn over earlier)", fill="black")
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Tokenise a built-in torus into 3-D and 2-D tokens; draw its groups.")
+    parser.add_argument("--out", default="tokenizer_demo.png", help="where to write the PNG")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    points = torch.from_numpy(demo_torus())[None]  # (1, N, 3)
+    print("points        ", tuple(points.shape))
+    point_tokenizer = PointTokenizer(num_groups=64, group_size=32, dim=384).eval()  # Point-MAE sizes
+    with torch.no_grad():
+        tokens, centers, neighborhoods = point_tokenizer(points)
+        positions = CenterEmbedding(dim=384)(centers)
+    print("centers       ", tuple(centers.shape))
+    print("neighborhoods ", tuple(neighborhoods.shape))
+    print("3-D tokens    ", tuple(tokens.shape), " (Eq. 3)")
+    print("center embed  ", tuple(positions.shape))
+    images = simple_depth_views(points, num_views=2, image_size=112)  # (1, V, 3, H, W)
+    print("images        ", tuple(images.shape))
+    small_tower = dict(width=64, layers=2, heads=2, patch_size=16)  # random weights: the demo needs no download
+    image_tokenizer = ImagePatchTokenizer(dim=384, image_size=112, random_tower=small_tower)
+    with torch.no_grad():
+        tokens_2d = image_tokenizer(images)
+    print("2-D tokens    ", tuple(tokens_2d.shape), " (Eq. 2, small random tower; P = 112^2 / 16^2 = 49)")
+    draw_groups(points[0], centers[0], neighborhoods[0], args.out)
+    print("wrote", args.out)
