@@ -1,0 +1,509 @@
+"""KR-MAE pre-training: the whole pipeline and its training objective.
+
+Paper sections "Training Objective" (Eq. 15-16) and "Pre-training Setup"; this file composes every stage module:
+
+    points --render.py (Eq. 1)--> v depth images --tokenizer.py (Eq. 2)--> 2-D patch tokens  E_2D  (B, V, P, D)
+    points --tokenizer.py (Eq. 3)--> 3-D group tokens E_3D (B, G, D), centres (B, G, 3)
+    rvs.py (Eq. 4-6): keep the k most reliable views                                   (B, S, P, D)
+    masking.py (Eq. 7): sample the visible 3-D tokens; PMA: the patch under each visible centre  (B, S, Gv, D)
+    kat.py (Eq. 9-14): encoder over the visible tokens, fused with their aligned 2-D tokens     (B, Gv, D)
+    Eq. (15): P_pred = Rec(ST(T_3D^vis))   a Point-MAE decoder (mask tokens) and a Linear head  (B, Gm, K, 3)
+    Eq. (16): L_R = squared-L2 Chamfer distance between each predicted and true masked group
+    Eq. (8):  L_S = policy loss of the Reinforced Masking;   L_total = L_R + lambda * L_S
+
+Paper symbol -> name here:  v -> num_views, k -> num_selected_views, n -> num_groups, p -> group_size,
+d^E -> dim, rho -> mask_ratio, lambda -> policy_weight, H = W -> image_size.
+
+Run:  python pretrain.py --epochs 300                    (paper configuration, ShapeNet55 if on disk)
+      python pretrain.py --preset tiny --epochs 2         (a CPU smoke run on the built-in synthetic shapes)
+      python pretrain.py --resume runs/pretrain/last.pth  (continue exactly where a run stopped)
+Every hyperparameter is a field of `Config` below and a flag: `--lr=5e-4`, `--no-use_2d`, `--masking random`.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from kat import KATransformer
+from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
+from render import MultiViewRenderer, pixels_to_patches
+from rvs import ReliableViewSelector
+from tokenizer import CenterEmbedding, ImagePatchTokenizer, PointTokenizer
+
+
+@dataclass
+class Config:
+    # --- data -----------------------------------------------------------------------------------------------
+    data: str = "auto"              # "auto" (ShapeNet55 if data_root exists, else synthetic), "shapenet55", "synthetic"
+    data_root: str = "data/ShapeNet55-34"  # Point-BERT's layout, see data.py
+    num_points: int = 1024          # paper "Pre-training Setup": 1,024 points per object
+    synthetic_size: int = 4096      # shapes per epoch when training on the built-in synthetic shapes
+    # --- 3-D tokens (Eq. 3) -----------------------------------------------------------------------------------
+    num_groups: int = 64            # n; Point-MAE: 64
+    group_size: int = 32            # p; Point-MAE: 32
+    # --- 2-D branch (Eq. 1, 2, 4-6) ---------------------------------------------------------------------------
+    use_2d: bool = True             # False: no images at all = Point-MAE (Table 4, row A)
+    num_views: int = 10             # v; PointCLIP V2's 10 views
+    num_selected_views: int = 3     # k; paper Table 4: best at 3
+    use_rvs: bool = True            # False: k views drawn at random per shape (Table 4, row B)
+    image_size: int = 112           # paper "Pre-training Setup": 112 x 112
+    clip_model: str = "ViT-B/16"    # CLIP name (downloaded when online) or a local checkpoint path
+    clip_random_tower: str = ""     # "width,layers,heads": a randomly initialised tower instead (tests, CPU)
+    fusion: str = "aligned"         # kat.FUSIONS; paper Table 6: aligned (ours), cross, joint (self-attn), mlp
+    # --- masking (Eq. 7-8) --------------------------------------------------------------------------------------
+    masking: str = "reinforced"     # "reinforced" (RM) or "random" (Point-MAE)
+    mask_ratio: float = 0.6         # rho; Point-MAE: 0.6
+    masking_heads: int = 6          # heads of RM's lightweight attention
+    policy_weight: float = 1e-4     # lambda; NOTE(unspecified): the paper gives no value; AdaMAE uses 1e-4
+    # --- backbone (Point-MAE) ---------------------------------------------------------------------------------
+    dim: int = 384                  # d^E; Point-MAE: 384
+    depth: int = 12                 # encoder blocks; Point-MAE: 12
+    num_heads: int = 6              # Point-MAE: 6
+    decoder_depth: int = 4          # Point-MAE: 4
+    decoder_heads: int = 6          # Point-MAE: 6
+    drop_path: float = 0.1          # Point-MAE: stochastic depth 0 -> 0.1
+    # --- optimisation (Point-MAE) ---------------------------------------------------------------------------
+    epochs: int = 300               # Point-MAE: 300
+    batch_size: int = 128           # Point-MAE: 128
+    lr: float = 1e-3                # Point-MAE: AdamW 1e-3
+    min_lr: float = 1e-6            # Point-MAE: cosine floor 1e-6
+    weight_decay: float = 0.05      # Point-MAE: 0.05
+    warmup_epochs: int = 10         # Point-MAE: 10
+    grad_clip: float = 10.0         # Point-MAE: gradient norm clip 10
+    # --- run --------------------------------------------------------------------------------------------------
+    out_dir: str = "runs/pretrain"
+    resume: str = ""                # path of a checkpoint to continue from
+    seed: int = 0
+    device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: bool = True                # bf16 autocast on CUDA (ignored on the CPU)
+    compile: bool = False           # torch.compile the encoder and decoder
+    num_workers: int = 4            # DataLoader workers
+    picture_every: int = 10         # write a reconstruction PNG every this many epochs (0: never)
+    svm_every: int = 0              # linear-SVM accuracy on synthetic shapes every this many epochs (0: never)
+    progress: bool = True           # tqdm progress bar
+    preset: str = ""                # "tiny": a model and data small enough for a CPU smoke run in about a minute
+
+
+# A preset overrides the paper defaults; flags given on the command line override the preset.
+PRESETS = {
+    "tiny": dict(num_points=512, synthetic_size=512, num_groups=32, group_size=16, num_views=6,
+                 num_selected_views=2, image_size=64, clip_random_tower="64,2,2", masking_heads=2, dim=96,
+                 depth=4, num_heads=4, decoder_depth=2, decoder_heads=4, batch_size=16, lr=1e-3, warmup_epochs=1,
+                 num_workers=0, picture_every=1),
+}
+
+
+def parse_config(config_class, argv=None, presets=PRESETS):
+    """Turn a dataclass into argparse flags (`--lr 5e-4`, `--lr=5e-4`, `--no-use_2d`), applying `--preset` first."""
+    parser = argparse.ArgumentParser(description=(config_class.__doc__ or "").split("\n")[0])
+    for field in dataclasses.fields(config_class):
+        if field.type in (bool, "bool"):
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            field_type = {"int": int, "float": float, "str": str}.get(field.type, field.type)
+            parser.add_argument(f"--{field.name}", type=field_type, default=field.default)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset and preset not in presets:
+        parser.error(f"unknown preset {preset!r}; expected one of {sorted(presets)}")
+    parser.set_defaults(**presets.get(preset, {}))  # the preset replaces defaults; explicit flags still win
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. (16): the squared-L2 Chamfer distance, one value per group
+# ---------------------------------------------------------------------------------------------------------------
+def chamfer_distance(predicted, target):
+    """Eq. (16) for every group at once: predicted (M, K, 3), target (M, K', 3) -> (M,).
+
+    mean over predicted points of the squared distance to the nearest target point, plus the same the other way.
+    Point-MAE's L_R is the mean of this over all masked groups of the batch.
+    """
+    squared = torch.cdist(predicted.float(), target.float()).pow(2)  # (M, K, K')
+    return squared.min(dim=2).values.mean(dim=1) + squared.min(dim=1).values.mean(dim=1)  # (M,)  Eq. (16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model: every stage module, composed
+# ---------------------------------------------------------------------------------------------------------------
+def random_tower_spec(text):
+    """'64,2,2' -> dict(width=64, layers=2, heads=2, patch_size=16) for ImagePatchTokenizer, '' -> None."""
+    if not text:
+        return None
+    try:
+        width, layers, heads = (int(value) for value in text.split(","))
+    except ValueError:
+        raise ValueError(f"--clip_random_tower expects 'width,layers,heads' such as '768,12,12', got {text!r}.")
+    return dict(width=width, layers=layers, heads=heads, patch_size=16)
+
+
+class KRMAE(nn.Module):
+    """KR-MAE pre-training model (paper Figure 1). The 3-D path (`tokenizer_3d`, `encoder_pos`, `encoder`) is what
+    fine-tuning keeps; everything else is used only during pre-training."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        # Eq. (3): FPS + KNN + mini-PointNet, and the encoder's centre position embedding.
+        self.tokenizer_3d = PointTokenizer(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=dim)
+        self.encoder_pos = CenterEmbedding(dim=dim)
+        # Eq. (9)-(14): the KAT encoder; without 2-D tokens it is exactly Point-MAE's encoder.
+        self.encoder = KATransformer(dim=dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                                     drop_path_rate=cfg.drop_path, fusion=cfg.fusion)
+        if cfg.use_2d:
+            # Eq. (1): PointCLIP V2 rendering. NOTE(unspecified): the voxel grid has the output's size (112).
+            self.renderer = MultiViewRenderer(num_views=cfg.num_views, image_size=cfg.image_size,
+                                              grid_size=cfg.image_size)
+            # Eq. (2): frozen CLIP ViT patch tokens -> Linear to d^E + learnable 2-D positions.
+            self.tokenizer_2d = ImagePatchTokenizer(dim=dim, image_size=cfg.image_size, clip_model=cfg.clip_model,
+                                                    random_tower=random_tower_spec(cfg.clip_random_tower))
+            # Eq. (4)-(6): the Reliable Multi-View Selector.
+            self.selector = ReliableViewSelector(dim=dim, num_selected=cfg.num_selected_views)
+        if cfg.masking == "reinforced":
+            self.masking = ReinforcedMasking(dim=dim, num_heads=cfg.masking_heads, mask_ratio=cfg.mask_ratio)  # Eq. (7)
+        elif cfg.masking != "random":
+            raise ValueError(f"--masking must be 'reinforced' or 'random', got {cfg.masking!r}.")
+        # Eq. (15): the Standard Transformer decoder and the reconstruction head, as Point-MAE.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos = CenterEmbedding(dim=dim)
+        self.decoder = KATransformer(dim=dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+                                     drop_path_rate=cfg.drop_path)
+        self.reconstruction_head = nn.Linear(dim, 3 * cfg.group_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)  # Point-MAE: truncated normal, std 0.02
+
+    def image_tokens(self, points, centers):
+        """Eq. (1)-(2): render, read patch tokens, and find the patch under every group centre in every view."""
+        with torch.no_grad():
+            images = self.renderer(points)  # (B, V, 3, H, W)  Eq. (1)
+            pixels = self.renderer.project(points, centers)  # (B, V, G, 2)
+        patch_index = pixels_to_patches(pixels, self.cfg.image_size, 16)  # (B, V, G)
+        return self.tokenizer_2d(images), patch_index  # (B, V, P, D)  Eq. (2)
+
+    def forward(self, points):
+        """points (B, N, 3) -> dict with the losses and what the reconstruction picture needs."""
+        cfg = self.cfg
+        batch_size = points.shape[0]
+        tokens, centers, neighborhoods = self.tokenizer_3d(points)  # (B, G, D), (B, G, 3), (B, G, K, 3)  Eq. (3)
+        out = {"centers": centers, "neighborhoods": neighborhoods}
+
+        # Reinforced Masking (Eq. 7) or Point-MAE's uniform random masking.
+        if cfg.masking == "reinforced":
+            visible_index, masked_index, log_probs = self.masking(tokens)  # (B, Gv), (B, Gm), (B, G)
+        else:
+            visible_index, masked_index = random_masking(batch_size, cfg.num_groups, cfg.mask_ratio, points.device)
+            log_probs = None
+        visible_tokens = gather_tokens(tokens, visible_index)  # (B, Gv, D)
+        visible_centers = gather_tokens(centers, visible_index)  # (B, Gv, 3)
+        masked_centers = gather_tokens(centers, masked_index)  # (B, Gm, 3)
+
+        aligned_tokens_2d = None
+        if cfg.use_2d:
+            tokens_2d, patch_index = self.image_tokens(points, centers)  # (B, V, P, D), (B, V, G)
+            if cfg.use_rvs:
+                selected, scores, selected_tokens_2d = self.selector(tokens, tokens_2d)  # (B, S), (B, V), (B, S, P, D)
+                out["view_scores"] = scores
+            else:
+                # NOTE(unspecified): without RVS (Table 4, row B) we draw k of the v views at random per shape.
+                selected = torch.rand(batch_size, cfg.num_views, device=points.device).argsort(dim=1)
+                selected = selected[:, : cfg.num_selected_views]  # (B, S)
+                selected_tokens_2d = gather_tokens(tokens_2d, selected)  # (B, S, P, D)
+            out["selected_views"] = selected
+            selected_patch_index = gather_tokens(patch_index, selected)  # (B, S, G)
+            # Part and Masking Alignment: the patch token under each visible centre, in each selected view.
+            aligned_tokens_2d = align_patches(selected_tokens_2d, selected_patch_index, visible_index)  # (B, S, Gv, D)
+
+        # Eq. (9)-(14): KAT encoder over the visible tokens with their aligned 2-D tokens.
+        encoded = self.encoder(visible_tokens, self.encoder_pos(visible_centers), aligned_tokens_2d)  # (B, Gv, D)
+
+        # Eq. (15): decoder over [visible tokens; mask tokens], reconstruction of the masked groups.
+        num_masked = masked_index.shape[1]
+        decoder_input = torch.cat([encoded, self.mask_token.expand(batch_size, num_masked, -1)], dim=1)  # (B, G, D)
+        decoder_pos = self.decoder_pos(torch.cat([visible_centers, masked_centers], dim=1))  # (B, G, D)
+        decoded = self.decoder(decoder_input, decoder_pos)[:, -num_masked:]  # (B, Gm, D)
+        predicted = self.reconstruction_head(decoded).reshape(batch_size, num_masked, cfg.group_size, 3)  # (B, Gm, K, 3)
+        target = gather_tokens(neighborhoods, masked_index)  # (B, Gm, K, 3)
+
+        # Eq. (16) per masked group; L_R is their mean (Point-MAE).
+        token_errors = chamfer_distance(predicted.flatten(0, 1), target.flatten(0, 1)).view(batch_size, num_masked)
+        loss_rec = token_errors.mean()  # Eq. (16)
+        loss_policy = (reinforce_loss(log_probs, masked_index, token_errors) if log_probs is not None
+                       else loss_rec.new_zeros(()))  # Eq. (8)
+        loss = loss_rec + cfg.policy_weight * loss_policy  # L_total = L_R + lambda * L_S
+        out.update(loss=loss, loss_rec=loss_rec, loss_policy=loss_policy, predicted=predicted,
+                   visible_index=visible_index, masked_index=masked_index)
+        return out
+
+
+ENCODER_PREFIXES = ("tokenizer_3d.", "encoder_pos.", "encoder.")
+
+
+def encoder_state_dict(model_state):
+    """The 3-D path that fine-tuning keeps: tokenizer_3d.*, encoder_pos.*, encoder.* (the decoder is dropped)."""
+    return {name: value for name, value in model_state.items() if name.startswith(ENCODER_PREFIXES)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisation helpers, shared with finetune.py
+# ---------------------------------------------------------------------------------------------------------------
+def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
+    """Linear warm-up then cosine decay to min_lr, a pure function of the step (so resuming needs no state)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (all 1-D parameters) and learned tokens/positions."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue  # the frozen CLIP tower
+        skip = parameter.ndim <= 1 or name.endswith("token") or "pos_embed" in name
+        (no_decay if skip else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def select_device(name):
+    """'auto' -> CUDA when available, else the CPU."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def rng_state():
+    """Every random generator a run draws from, so that a resumed run continues exactly."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half-written checkpoint."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as handle:
+        torch.save(checkpoint, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist; pass the path of a .pth file this script wrote.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file
+        raise RuntimeError(f"Could not read checkpoint {path!r}: {error}") from error
+
+
+def epoch_order(num_samples, seed, epoch):
+    """The shuffled sample order of an epoch: a pure function of (seed, epoch), so resuming needs no sampler state."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+def trainable_state(model):
+    """The model's state dict without a pre-trained frozen CLIP tower (reloaded from CLIP's file on resume)."""
+    state = model.state_dict()
+    tokenizer_2d = getattr(model, "tokenizer_2d", None)
+    if tokenizer_2d is not None and tokenizer_2d.visual_is_pretrained:
+        state = {name: value for name, value in state.items() if not name.startswith("tokenizer_2d.visual.")}
+    return state
+
+
+def load_trainable_state(model, state):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.startswith("tokenizer_2d.visual.")]
+    if missing or unexpected:
+        raise RuntimeError(f"The checkpoint does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                           f" (of {len(missing)} and {len(unexpected)}). Was it written with another configuration?")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reconstruction picture
+# ---------------------------------------------------------------------------------------------------------------
+def draw_clouds(panels, path, size=256):
+    """Draw a row of point clouds (title, points (M, 3) numpy, colour) side by side, seen from a fixed oblique view."""
+    from PIL import Image, ImageDraw
+
+    angle_y, angle_x = math.radians(35), math.radians(-25)
+    rotate_y = np.array([[math.cos(angle_y), 0, math.sin(angle_y)], [0, 1, 0], [-math.sin(angle_y), 0, math.cos(angle_y)]])
+    rotate_x = np.array([[1, 0, 0], [0, math.cos(angle_x), -math.sin(angle_x)], [0, math.sin(angle_x), math.cos(angle_x)]])
+    image = Image.new("RGB", (size * len(panels), size + 20), "white")
+    pen = ImageDraw.Draw(image)
+    for column, (title, layers) in enumerate(panels):
+        pen.text((column * size + 6, 4), title, fill="black")
+        for points, colour in layers:
+            seen = points @ (rotate_x @ rotate_y).T  # (M, 3)
+            for x, y in seen[:, :2]:
+                u, v = column * size + size / 2 + x * size * 0.4, 20 + size / 2 - y * size * 0.4
+                pen.rectangle([u - 1, v - 1, u + 1, v + 1], fill=colour)
+    image.save(path)
+
+
+def reconstruction_picture(model, points, path):
+    """Input cloud, the visible groups, and visible groups + predicted masked groups, for the first shape."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(points[:1])
+    model.train(was_training)
+    centers, neighborhoods = out["centers"][0], out["neighborhoods"][0]  # (G, 3), (G, K, 3)
+    visible = (neighborhoods[out["visible_index"][0]] + centers[out["visible_index"][0], None]).reshape(-1, 3)
+    predicted = (out["predicted"][0].float() + centers[out["masked_index"][0], None]).reshape(-1, 3)
+    visible, predicted = visible.cpu().numpy(), predicted.cpu().numpy()
+    draw_clouds([("input", [(points[0].cpu().numpy(), (40, 40, 40))]),
+                 ("visible groups", [(visible, (30, 90, 200))]),
+                 ("visible + reconstructed", [(visible, (30, 90, 200)), (predicted, (220, 60, 30))])], path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def build_dataset(cfg):
+    """ShapeNet55 when it is on disk (or asked for), else the built-in synthetic shapes, announced loudly."""
+    if cfg.data == "shapenet55" or (cfg.data == "auto" and os.path.isdir(cfg.data_root)):
+        return data.ShapeNet55(cfg.data_root, split="train", num_points=cfg.num_points)
+    if cfg.data not in ("auto", "synthetic"):
+        raise ValueError(f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}.")
+    print("=" * 100 + f"\nNo ShapeNet55 at {cfg.data_root!r}: pre-training on the BUILT-IN SYNTHETIC SHAPES "
+          f"({cfg.synthetic_size} per epoch). Pass --data_root for real data.\n" + "=" * 100)
+    return data.SyntheticShapes(split="train", num_points=cfg.num_points, size=cfg.synthetic_size, seed=cfg.seed)
+
+
+def main(cfg):
+    # --- setup: device, precision, seeds, output folder ---------------------------------------------------------
+    device = select_device(cfg.device)
+    use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    checkpoint_path = os.path.join(cfg.out_dir, "last.pth")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    dataset = build_dataset(cfg)
+    steps_per_epoch = len(dataset) // cfg.batch_size  # drop the last partial batch, as Point-MAE
+    if steps_per_epoch == 0:
+        raise ValueError(f"The dataset has {len(dataset)} shapes, fewer than one batch of {cfg.batch_size}.")
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    print(f"device {device}, bf16 {use_bf16}, {len(dataset)} shapes, {steps_per_epoch} steps/epoch, "
+          f"{total_steps} steps, {num_visible_text(cfg)}")
+
+    # --- model and optimizer --------------------------------------------------------------------------------------
+    model = KRMAE(cfg).to(device)
+    print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    if cfg.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+
+    # Two fixed shapes for the reconstruction picture (drawn before resuming: reading may use the RNG).
+    picture_points = torch.stack([dataset[i][0] for i in range(2)]).to(device)  # (2, N, 3), fixed shapes
+
+    # --- resume ---------------------------------------------------------------------------------------------------
+    start_epoch = 0
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        load_trainable_state(model, checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"] + 1
+        truncate_log(log_path, start_epoch)
+        changed = {name: (value, getattr(cfg, name)) for name, value in checkpoint["config"].items()
+                   if name not in ("resume", "progress") and getattr(cfg, name, None) != value}
+        print(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f"; settings changed since: {changed}" if changed else ""))
+    else:
+        truncate_log(log_path, 0)  # a fresh run starts a fresh log
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = epoch_order(len(dataset), cfg.seed, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        sums, started = {"loss": 0.0, "loss_rec": 0.0, "loss_policy": 0.0}, time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
+        for batch_index, batch in enumerate(bar):
+            step = epoch * steps_per_epoch + batch_index
+            lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            points = data.scale_and_translate(batch[0].to(device, non_blocking=True))  # (B, N, 3)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(points)
+            values = {name: out[name].item() for name in sums}  # one host sync per step, for the bar and the check
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"The loss became {values['loss']} at epoch {epoch}, step {step}; stopping before it reaches the "
+                    f"weights. The last good checkpoint {checkpoint_path!r} is untouched: resume from it with a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not updated.")
+            optimizer.step()
+            for name in sums:
+                sums[name] += values[name]
+            bar.set_postfix(loss=f"{values['loss']:.4f}", rec=f"{values['loss_rec']:.4f}",
+                            policy=f"{values['loss_policy']:.4f}", lr=f"{lr:.2e}")
+
+        # --- end of epoch: log line, checkpoint, picture, optional SVM --------------------------------------------
+        record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
+                  **{name: value / steps_per_epoch for name, value in sums.items()},
+                  "seconds": round(time.time() - started, 2)}
+        snapshot = rng_state()  # the SVM and the picture below must not change the training's random stream
+        if cfg.svm_every and (epoch + 1) % cfg.svm_every == 0:
+            import finetune  # the linear-SVM protocol lives with the downstream tasks
+            record["svm_accuracy"] = finetune.svm_accuracy_synthetic(model, cfg, device)
+        if cfg.picture_every and ((epoch + 1) % cfg.picture_every == 0 or epoch + 1 == cfg.epochs):
+            reconstruction_picture(model, picture_points, os.path.join(cfg.out_dir, f"reconstruction_{epoch:03d}.png"))
+        set_rng_state(snapshot)
+        print(json.dumps(record))
+        with open(log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        save_checkpoint(checkpoint_path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                                          "config": dataclasses.asdict(cfg), "epoch": epoch,
+                                          "step": (epoch + 1) * steps_per_epoch, "rng": snapshot})
+    return model
+
+
+def truncate_log(log_path, start_epoch):
+    """Drop log lines of epochs a resumed run will redo (a run killed between its log line and its checkpoint)."""
+    if os.path.isfile(log_path):
+        with open(log_path) as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line)["epoch"] < start_epoch]
+        with open(log_path, "w") as handle:
+            handle.writelines(kept)
+
+
+def num_visible_text(cfg):
+    num_masked = int(cfg.mask_ratio * cfg.num_groups)
+    return f"{cfg.num_groups} groups: {cfg.num_groups - num_masked} visible, {num_masked} masked"
+
+
+if __name__ == "__main__":
+    config = parse_config(Config, sys.argv[1:])
+    print(json.dumps(dataclasses.asdict(config)))
+    main(config)

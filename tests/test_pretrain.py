@@ -1,0 +1,145 @@
+"""Tests of pretrain.py: Eq. (16), the whole pipeline on the tiny preset, exact resume, checkpoints, flags."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import pretrain
+from pretrain import Config, KRMAE, chamfer_distance, parse_config
+
+torch.set_num_threads(2)
+
+
+def tiny(tmp_path, **overrides):
+    """The tiny preset with a very small synthetic set, no progress bar, output in tmp_path."""
+    cfg = parse_config(Config, ["--preset", "tiny"])
+    values = dict(synthetic_size=32, batch_size=8, epochs=2, out_dir=str(tmp_path), progress=False, picture_every=1)
+    values.update(overrides)
+    return dataclasses.replace(cfg, **values)
+
+
+def test_chamfer_matches_brute_force_double_loop():
+    generator = torch.Generator().manual_seed(0)
+    predicted, target = torch.randn(3, 5, 3, generator=generator), torch.randn(3, 7, 3, generator=generator)
+    expected = []
+    for group in range(3):  # Eq. (16) written out with plain loops
+        forward = sum(min(float(((a - b) ** 2).sum()) for b in target[group]) for a in predicted[group]) / 5
+        backward = sum(min(float(((a - b) ** 2).sum()) for a in predicted[group]) for b in target[group]) / 7
+        expected.append(forward + backward)
+    assert torch.allclose(chamfer_distance(predicted, target), torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(chamfer_distance(target, target), torch.zeros(3), atol=1e-6)
+
+
+def test_parse_config_flags_presets_and_booleans():
+    cfg = parse_config(Config, [])
+    assert (cfg.dim, cfg.depth, cfg.mask_ratio, cfg.num_views, cfg.num_selected_views) == (384, 12, 0.6, 10, 3)
+    cfg = parse_config(Config, ["--preset", "tiny", "--lr=5e-4", "--no-use_2d", "--dim", "64"])
+    assert cfg.lr == 5e-4 and cfg.use_2d is False and cfg.dim == 64 and cfg.num_groups == 32
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--preset", "huge"])
+
+
+def test_learning_rate_warmup_then_cosine():
+    values = [pretrain.learning_rate(step, 100, 10, 1e-3, 1e-6) for step in range(100)]
+    assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
+    assert values[10] == pytest.approx(1e-3) and values[-1] == pytest.approx(1e-6, abs=1e-6)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_tiny_run_writes_checkpoint_log_picture_and_loss_goes_down(tmp_path):
+    pretrain.main(tiny(tmp_path, epochs=4, synthetic_size=64))
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [record["epoch"] for record in records] == [0, 1, 2, 3]
+    assert records[-1]["loss_rec"] < records[0]["loss_rec"]
+    assert all(record["loss_policy"] != 0 for record in records)  # reinforced masking trains its policy
+    assert (tmp_path / "last.pth").is_file() and not (tmp_path / "last.pth.tmp").exists()
+    assert (tmp_path / "reconstruction_003.png").is_file()
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    straight = pretrain.main(tiny(tmp_path / "straight"))
+    original_order = pretrain.epoch_order
+
+    def crash_at_second_epoch(num_samples, seed, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original_order(num_samples, seed, epoch)
+
+    monkeypatch.setattr(pretrain, "epoch_order", crash_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(tiny(tmp_path / "resumed"))
+    monkeypatch.setattr(pretrain, "epoch_order", original_order)
+    resumed = pretrain.main(tiny(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "last.pth")))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    lines = open(tmp_path / "resumed" / "log.jsonl").read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    pretrain.main(tiny(tmp_path, epochs=1))
+    before = (tmp_path / "last.pth").read_bytes()
+    monkeypatch.setattr(pretrain, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        pretrain.main(tiny(tmp_path, epochs=2, resume=str(tmp_path / "last.pth")))
+    assert (tmp_path / "last.pth").read_bytes() == before
+
+
+def test_interrupted_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pth")
+    pretrain.save_checkpoint(path, {"value": 1})
+
+    def broken_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        pretrain.save_checkpoint(path, {"value": 2})
+    monkeypatch.undo()
+    assert pretrain.load_checkpoint(path)["value"] == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain.load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("overrides", [dict(use_2d=False, masking="random"), dict(use_rvs=False),
+                                       dict(fusion="cross"), dict(fusion="joint"), dict(fusion="mlp")])
+def test_ablation_variants_run_a_step(tmp_path, overrides):
+    cfg = tiny(tmp_path, **overrides)
+    model = KRMAE(cfg)
+    out = model(torch.randn(2, cfg.num_points, 3))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["predicted"].shape[1:] == (19, cfg.group_size, 3)
+    assert all(p.grad is not None for p in model.tokenizer_3d.parameters())
+    assert all(p.grad is not None for p in model.encoder_pos.parameters())
+
+
+def test_encoder_state_dict_loads_into_a_3d_only_encoder(tmp_path):
+    from kat import KATransformer
+    from tokenizer import CenterEmbedding, PointTokenizer
+
+    cfg = tiny(tmp_path)
+    state = pretrain.encoder_state_dict(KRMAE(cfg).state_dict())
+    assert state and not any(name.startswith(("decoder", "tokenizer_2d", "selector", "masking")) for name in state)
+    encoder_only = torch.nn.Module()
+    encoder_only.tokenizer_3d = PointTokenizer(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim)
+    encoder_only.encoder_pos = CenterEmbedding(dim=cfg.dim)
+    encoder_only.encoder = KATransformer(dim=cfg.dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    encoder_only.load_state_dict(state, strict=True)
+
+
+def test_paper_configuration_builds_and_runs_one_step_on_the_cpu(tmp_path):
+    # The real CLIP weights cannot be downloaded here: a randomly initialised tower of ViT-B/16's size stands in.
+    cfg = dataclasses.replace(parse_config(Config, []), clip_random_tower="768,12,12", batch_size=2)
+    model = KRMAE(cfg)
+    assert sum(p.numel() for p in model.encoder.parameters()) > 20e6  # 12 blocks of width 384
+    optimizer = torch.optim.AdamW(pretrain.parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    before = [p.detach().clone() for p in model.encoder.blocks[0].parameters()]
+    out = model(torch.randn(2, cfg.num_points, 3))
+    out["loss"].backward()
+    optimizer.step()
+    assert out["predicted"].shape == (2, 38, 32, 3) and out["selected_views"].shape == (2, 3)
+    assert torch.isfinite(out["loss"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.encoder.blocks[0].parameters()) if a.ndim == 2)
