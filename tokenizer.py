@@ -216,9 +216,10 @@ class ImagePatchTokenizer(nn.Module):
         self.num_patches = self.grid_size ** 2  # m = HW / 256 = 49
         width = self.visual.conv1.out_channels  # C: 768 for ViT-B/16
         # CLIP's table is for 224 x 224 (14 x 14 patches); it is interpolated once, here, to our grid and kept as
-        # a buffer used by forward; CLIP's own parameter is left untouched.
+        # a buffer used by forward; CLIP's own parameter is left untouched. The buffer is saved with the model, so
+        # a reloaded random tower (tests, CPU preset) gets the table of the tower it was trained with.
         table = interpolate_positional_embedding(self.visual.positional_embedding.detach(), self.grid_size)
-        self.register_buffer("tower_positional_embedding", table, persistent=False)  # (1 + P, C)
+        self.register_buffer("tower_positional_embedding", table)  # (1 + P, C)
         # NOTE(deviation): PointCLIP V2 feeds its depth images to CLIP unnormalised; we apply CLIP's mean/std
         # because the pre-trained tower was trained on images normalised that way.
         self.register_buffer("image_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
