@@ -115,7 +115,7 @@ def parse_config(config_class, argv=None, presets=PRESETS):
             parser.add_argument(f"--{field.name}", type=field_type, default=field.default)
     preset = parser.parse_known_args(argv)[0].preset
     if preset and preset not in presets:
-        parser.error(f"unknown preset {preset!r}; expected one of {sorted(presets)}")
+        parser.error(f"unknown preset {preset!r}; expected one of {sorted(name for name in presets if name)}")
     parser.set_defaults(**presets.get(preset, {}))  # the preset replaces defaults; explicit flags still win
     return config_class(**vars(parser.parse_args(argv)))
 

@@ -1,0 +1,324 @@
+"""Tests of finetune.py: metrics and the SVM against hand-worked cases, checkpoint loading, every task end to end on
+the synthetic shapes and on tiny data sets written in the real formats, learning above chance, exact resume."""
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import finetune
+import pretrain
+
+torch.set_num_threads(2)
+
+# Smaller than the tiny preset (256 points, 16 groups): the same code paths, a few seconds per run.
+SMALL = ["--num_points", "256", "--num_groups", "16", "--batch_size", "8", "--epochs", "1", "--no-progress",
+         "--synthetic_train_size", "16", "--synthetic_test_size", "12", "--svm_iterations", "50"]
+
+
+def config(tmp_path, *flags):
+    """The tiny preset, then SMALL, then `flags`; output in tmp_path."""
+    return finetune.build_config(["--preset", "tiny", *SMALL, "--out_dir", str(tmp_path), *flags])
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ---------------------------------------------------------------- metrics, interpolation, SVM
+
+def test_part_miou_hand_made_case_with_absent_part_and_category_restriction():
+    # Two categories: 0 owns parts 0, 1, 2; 1 owns parts 3, 4.
+    ranges = [(0, 3), (3, 2)]
+    target = torch.tensor([[0, 0, 1, 1], [3, 3, 3, 4]])
+    prediction = torch.tensor([[0, 1, 1, 1], [3, 3, 4, 4]])
+    category = torch.tensor([0, 1])
+    instance, klass, per_shape = finetune.part_miou(prediction, target, category, ranges)
+    # Shape 0: part 0 IoU 1/2, part 1 IoU 2/3, part 2 absent from both -> 1.  Shape 1: 2/3 and 1/2.
+    expected = torch.tensor([(1 / 2 + 2 / 3 + 1) / 3, (2 / 3 + 1 / 2) / 2])
+    assert torch.allclose(per_shape, expected)
+    assert instance == pytest.approx(expected.mean().item()) and klass == pytest.approx(expected.mean().item())
+    # Logits: the largest logit of the first point is part 4 (another category's), restriction picks part 0.
+    logits = torch.full((2, 4, 5), -5.0).scatter(2, prediction[..., None], 1.0)
+    logits[0, 0, 4] = 9.0
+    assert finetune.restrict_to_category(logits, category, ranges)[0, 0] == 0
+    assert torch.allclose(finetune.part_miou(logits, target, category, ranges)[2], expected)
+    # Class mIoU averages categories, not shapes: a third shape of category 0 with IoU 1 moves them apart.
+    instance, klass, _ = finetune.part_miou(torch.cat([prediction, target[:1]]), torch.cat([target, target[:1]]),
+                                           torch.tensor([0, 1, 0]), ranges)
+    assert instance == pytest.approx((expected.sum().item() + 1) / 3)
+    assert klass == pytest.approx(((expected[0].item() + 1) / 2 + expected[1].item()) / 2)
+
+
+def test_interpolation_matches_a_slow_loop():
+    generator = torch.Generator().manual_seed(0)
+    points, centers = torch.randn(2, 7, 3, generator=generator), torch.randn(2, 4, 3, generator=generator)
+    features = torch.randn(2, 4, 5, generator=generator)
+    fast = finetune.interpolate_from_centers(points, centers, features)
+    for b in range(2):
+        for n in range(7):
+            squared = ((centers[b] - points[b, n]) ** 2).sum(dim=1)
+            nearest = squared.argsort()[:3]
+            weights = 1 / (squared[nearest] + 1e-8)
+            expected = (weights[:, None] * features[b, nearest]).sum(dim=0) / weights.sum()
+            assert torch.allclose(fast[b, n], expected, atol=1e-5)
+
+
+def test_linear_svm_separates_a_separable_set_and_is_near_chance_on_random_labels():
+    generator = torch.Generator().manual_seed(0)
+    centers = 3 * torch.eye(8)[:4]  # four well separated clusters
+    train_labels, test_labels = torch.randint(0, 4, (200,), generator=generator), torch.arange(200) % 4
+    train = centers[train_labels] + 0.5 * torch.randn(200, 8, generator=generator)
+    test = centers[test_labels] + 0.5 * torch.randn(200, 8, generator=generator)
+    assert finetune.svm_accuracy(train, train_labels, test, test_labels) == 1.0
+    random_train, random_test = torch.randn(400, 32, generator=generator), torch.randn(400, 32, generator=generator)
+    accuracy = finetune.svm_accuracy(random_train, torch.randint(0, 4, (400,), generator=generator),
+                                     random_test, torch.randint(0, 4, (400,), generator=generator))
+    assert 0.15 < accuracy < 0.35  # chance is 0.25
+
+
+# ---------------------------------------------------------------- few-shot episodes, configuration
+
+def test_synthetic_fewshot_episodes():
+    train, test = finetune.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
+    assert len(train) == 5 * 3 and len(test) == 5 * 20
+    assert train.tensors[0].shape == (15, 64, 3)
+    assert torch.bincount(train.tensors[1]).tolist() == [3] * 5 and torch.bincount(test.tensors[1]).tolist() == [20] * 5
+    # Deterministic: the same fold gives the same shapes; another fold gives others.
+    again, _ = finetune.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
+    other, _ = finetune.synthetic_episode(way=5, shot=3, fold=1, num_points=64)
+    assert torch.equal(train.tensors[0], again.tensors[0]) and not torch.equal(train.tensors[0], other.tensors[0])
+
+
+def test_synthetic_fewshot_episode_classes_are_consistent(monkeypatch):
+    class IndexShapes:  # stands in for data.SyntheticShapes: every point holds (sample index, split)
+        def __init__(self, split, num_points, size, seed=0):
+            self.split, self.num_points = split, num_points
+
+        def __getitem__(self, index):
+            points = torch.tensor([float(index), float(self.split == "test"), 0.0]).expand(self.num_points, 3)
+            return points, torch.tensor(index % 12), torch.zeros(self.num_points, dtype=torch.long)
+
+    monkeypatch.setattr(data, "SyntheticShapes", IndexShapes)
+    train, test = finetune.synthetic_episode(way=10, shot=5, fold=3, num_points=4)
+    for dataset, split in ((train, 0.0), (test, 1.0)):
+        index, labels = dataset.tensors[0][:, 0, 0].long(), dataset.tensors[1]
+        assert (dataset.tensors[0][:, 0, 1] == split).all() and index.unique().numel() == len(index)  # no repeats
+        original_class = index % 12
+        for k in range(10):  # every shape of episode class k is of one synthetic class, distinct for each k
+            assert original_class[labels == k].unique().numel() == 1
+        assert original_class.unique().numel() == 10
+    train_class = {int(k): int(c) for k, c in zip(train.tensors[1], train.tensors[0][:, 0, 0].long() % 12)}
+    test_class = {int(k): int(c) for k, c in zip(test.tensors[1], test.tensors[0][:, 0, 0].long() % 12)}
+    assert train_class == test_class
+
+
+def test_task_defaults_presets_and_flags():
+    cfg = finetune.build_config(["--task", "partseg"])
+    assert (cfg.num_points, cfg.num_groups, cfg.lr, cfg.batch_size, cfg.epochs) == (2048, 128, 2e-4, 16, 300)
+    assert finetune.build_config(["--task", "fewshot"]).epochs == 150
+    assert finetune.build_config(["--task", "modelnet40"]).num_groups == 64
+    cfg = finetune.build_config(["--task", "scan_objectnn", "--preset", "tiny", "--lr=1e-3"])
+    assert (cfg.dim, cfg.depth, cfg.num_groups, cfg.num_points, cfg.lr) == (96, 4, 32, 512, 1e-3)
+    tiny_pretrain = pretrain.parse_config(pretrain.Config, ["--preset", "tiny"])
+    assert all(getattr(cfg, name) == getattr(tiny_pretrain, name) for name in ("dim", "depth", "num_heads",
+                                                                                  "group_size", "num_points"))
+    with pytest.raises(SystemExit):
+        finetune.build_config(["--task", "detection"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def pretrain_checkpoint(tmp_path, **overrides):
+    """A tiny pretrain.KRMAE saved exactly as pretrain.main saves it."""
+    cfg = dataclasses.replace(pretrain.parse_config(pretrain.Config, ["--preset", "tiny"]), **overrides)
+    model = pretrain.KRMAE(cfg)
+    path = str(tmp_path / "pretrained.pth")
+    pretrain.save_checkpoint(path, {"model": pretrain.trainable_state(model), "config": dataclasses.asdict(cfg),
+                                    "epoch": 0})
+    return path, model
+
+
+def test_pretrain_checkpoint_loads_every_encoder_tensor(tmp_path, capsys):
+    path, pretrained = pretrain_checkpoint(tmp_path)
+    cfg = config(tmp_path, "--task", "scan_objectnn")
+    model = finetune.Classifier(15, **finetune.backbone_arguments(cfg))
+    finetune.load_pretrained(model, path, cfg)
+    printed = capsys.readouterr().out
+    assert "missing keys" in printed and "unexpected keys: []" in printed
+    source = pretrained.state_dict()
+    loaded = [name for name in model.state_dict() if name.startswith(pretrain.ENCODER_PREFIXES)]
+    assert loaded and all(torch.equal(model.state_dict()[name], source[name]) for name in loaded)
+    segmenter = finetune.PartSegmenter(16, 50, **finetune.backbone_arguments(cfg))
+    finetune.load_pretrained(segmenter, path, cfg)
+    assert torch.equal(segmenter.encoder.blocks[0].attn.qkv.weight, source["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    path, _ = pretrain_checkpoint(tmp_path, dim=64, num_heads=4)
+    cfg = config(tmp_path)  # dim 96
+    model = finetune.Classifier(15, **finetune.backbone_arguments(cfg))
+    message = r"parameter \S+ has shape \(64, \d+, 1\) in the checkpoint but \(96, \d+, 1\) here"
+    with pytest.raises(ValueError, match=message):
+        finetune.load_pretrained(model, path, cfg)
+    path, _ = pretrain_checkpoint(tmp_path, depth=2)
+    with pytest.raises(ValueError, match=r"missing from it \['encoder.blocks.2"):
+        finetune.load_pretrained(model, path, cfg)
+    path, _ = pretrain_checkpoint(tmp_path, num_heads=2)
+    with pytest.raises(ValueError, match="pre-trained with 2 heads"):
+        finetune.load_pretrained(model, path, cfg)
+
+
+def test_svm_accuracy_synthetic_on_a_pretraining_model():
+    cfg = dataclasses.replace(pretrain.parse_config(pretrain.Config, ["--preset", "tiny"]), num_points=128,
+                              num_groups=8)
+    model = pretrain.KRMAE(cfg).train()
+    accuracy = finetune.svm_accuracy_synthetic(model, cfg, torch.device("cpu"), train_size=96, test_size=48)
+    assert 0.0 <= accuracy <= 1.0 and model.training
+    model.eval()
+    finetune.svm_accuracy_synthetic(model, cfg, torch.device("cpu"), train_size=24, test_size=24)
+    assert not model.training
+
+
+# ---------------------------------------------------------------- every task end to end on the synthetic shapes
+
+@pytest.mark.parametrize("flags", [["--task", "scan_objectnn", "--variant", "obj_bg"],
+                                   ["--task", "scan_objectnn", "--variant", "obj_only"],
+                                   ["--task", "scan_objectnn", "--variant", "pb_t50_rs", "--vote",
+                                    "--vote_passes", "2"],
+                                   ["--task", "modelnet40"],
+                                   ["--task", "fewshot", "--way", "3", "--shot", "4", "--queries", "2",
+                                    "--folds", "0,1"],
+                                   ["--task", "partseg"]])
+def test_task_runs_end_to_end_on_synthetic_shapes(tmp_path, flags):
+    summary = finetune.main(config(tmp_path, "--data", "synthetic", *flags))
+    metric = "best_instance_miou" if "partseg" in flags else "best_accuracy"
+    assert summary["num_runs"] == (2 if "--folds" in flags else 1)
+    assert 0.0 <= summary[metric]["mean"] <= 100.0 and summary[metric]["std"] >= 0.0
+    run = summary["runs"][0]
+    log = read_log(tmp_path / summary["task"] / ("seed0_fold0" if "--folds" in flags else "seed0") / "log.jsonl")
+    assert [record["epoch"] for record in log] == [0] and np.isfinite(log[0]["loss"])
+    if "--vote" in flags:
+        assert "voted_accuracy" in run  # a voted number always carries the word
+    if "partseg" in flags:
+        assert 0.0 <= run["last_class_miou"] <= 100.0
+
+
+def test_svm_task_with_seeds_reports_mean_and_std(tmp_path):
+    path, _ = pretrain_checkpoint(tmp_path)
+    summary = finetune.main(config(tmp_path, "--task", "svm", "--data", "synthetic", "--checkpoint", path,
+                                   "--seeds", "0,1", "--synthetic_train_size", "48", "--synthetic_test_size", "24"))
+    values = [run["svm_accuracy"] for run in summary["runs"]]
+    assert len(values) == 2 and values[0] == values[1]  # a frozen pre-trained encoder: the seed changes nothing
+    assert summary["svm_accuracy"]["mean"] == pytest.approx(values[0]) and summary["svm_accuracy"]["std"] == 0.0
+
+
+def test_classification_learns_well_above_chance(tmp_path):
+    # 12 synthetic classes (chance 8.3 %), tiny model from scratch, 4 epochs of 192 shapes.
+    summary = finetune.main(config(tmp_path, "--task", "modelnet40", "--data", "synthetic", "--epochs", "4",
+                                   "--synthetic_train_size", "192", "--synthetic_test_size", "96"))
+    print("synthetic classification accuracy", summary["last_accuracy"]["mean"])
+    assert summary["last_accuracy"]["mean"] > 25.0  # > 3x chance
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    flags = ["--task", "scan_objectnn", "--data", "synthetic", "--epochs", "2"]
+    finetune.main(config(tmp_path / "straight", *flags))
+    original_order = finetune.epoch_order
+
+    def crash_at_second_epoch(num_samples, seed, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original_order(num_samples, seed, epoch)
+
+    monkeypatch.setattr(finetune, "epoch_order", crash_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(config(tmp_path / "resumed", *flags))
+    monkeypatch.setattr(finetune, "epoch_order", original_order)
+    finetune.main(config(tmp_path / "resumed", *flags, "--resume"))
+    run = "scan_objectnn_obj_bg_synthetic/seed0"
+    straight = torch.load(tmp_path / "straight" / run / "last.pth", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / run / "last.pth", weights_only=False)
+    assert straight["model"].keys() == resumed["model"].keys()
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert straight["best"] == resumed["best"]
+    assert [record["epoch"] for record in read_log(tmp_path / "resumed" / run / "log.jsonl")] == [0, 1]
+
+
+# ---------------------------------------------------------------- the real formats, through finetune
+
+def write_scanobjectnn(root, samples=16, points=300):
+    import h5py
+    rng = np.random.default_rng(0)
+    (root / "main_split").mkdir(parents=True)
+    for name in ("training_objectdataset.h5", "test_objectdataset.h5"):
+        with h5py.File(root / "main_split" / name, "w") as handle:
+            handle["data"] = rng.normal(size=(samples, points, 3)).astype(np.float32)  # (S, N, 3)
+            handle["label"] = np.arange(samples) % 15
+
+
+def write_modelnet40(root, points=300):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / "modelnet40_shape_names.txt").write_text("airplane\nbathtub\n")
+    ids = {split: [f"{name}_{split}{index:03d}" for name in ("airplane", "bathtub") for index in range(count)]
+           for split, count in (("train", 4), ("test", 2))}
+    for split, names in ids.items():
+        (root / f"modelnet40_{split}.txt").write_text("\n".join(names) + "\n")
+        for shape_id in names:
+            (root / shape_id.rsplit("_", 1)[0]).mkdir(exist_ok=True)
+            np.savetxt(root / shape_id.rsplit("_", 1)[0] / f"{shape_id}.txt", rng.normal(size=(points, 6)),
+                       fmt="%.5f", delimiter=",")
+
+
+def write_fewshot(root, way=2, shot=4, points=300):
+    rng = np.random.default_rng(0)
+    (root / f"{way}way_{shot}shot").mkdir(parents=True)
+    episode = {split: [(rng.normal(size=(points, 6)).astype(np.float32), label, 7 * label)  # (points, label, original)
+                       for label in range(way) for _ in range(count)]
+               for split, count in (("train", shot), ("test", 3))}
+    with open(root / f"{way}way_{shot}shot" / "0.pkl", "wb") as handle:
+        pickle.dump(episode, handle)
+
+
+def write_shapenetpart(root, points=300):
+    rng = np.random.default_rng(0)
+    (root / "train_test_split").mkdir(parents=True)
+    synsets = {name: f"0{index:07d}" for index, name in enumerate(data.SHAPENETPART_CATEGORIES)}
+    (root / "synsetoffset2category.txt").write_text("".join(f"{name}\t{synset}\n" for name, synset in synsets.items()))
+    lists = {"train": [], "val": [], "test": []}
+    for index, (split, name) in enumerate([("train", "Airplane"), ("train", "Mug")] * 4 + [("val", "Mug"),
+                                          ("test", "Airplane"), ("test", "Mug")]):
+        first, count = data.SHAPENETPART_PART_RANGES[data.SHAPENETPART_CATEGORIES.index(name)]
+        (root / synsets[name]).mkdir(exist_ok=True)
+        table = np.concatenate([rng.normal(size=(points, 6)), (first + np.arange(points) % count)[:, None]], axis=1)
+        np.savetxt(root / synsets[name] / f"shape{index}.txt", table, fmt="%.5f")
+        lists[split].append(f"shape_data/{synsets[name]}/shape{index}")
+    for split, entries in lists.items():
+        (root / "train_test_split" / f"shuffled_{split}_file_list.json").write_text(json.dumps(entries))
+
+
+@pytest.mark.parametrize("task, writer, folder, expected_test_shapes", [
+    ("scan_objectnn", write_scanobjectnn, "ScanObjectNN", 16),
+    ("modelnet40", write_modelnet40, "modelnet40_normal_resampled", 4),
+    ("fewshot", write_fewshot, "ModelNetFewshot", 6),
+    ("partseg", write_shapenetpart, "shapenetcore_partanno_segmentation_benchmark_v0_normal", 2),
+])
+def test_real_format_through_finetune(tmp_path, task, writer, folder, expected_test_shapes, capsys):
+    writer(tmp_path / folder)
+    flags = ["--task", task, "--data_root", str(tmp_path / folder), "--way", "2", "--shot", "4"]
+    summary = finetune.main(config(tmp_path / "runs", *flags))
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" not in printed and not summary["task"].endswith("synthetic")
+    assert f"/ {expected_test_shapes} test shapes" in printed
+    metric = "best_instance_miou" if task == "partseg" else "best_accuracy"
+    assert 0.0 <= summary[metric]["mean"] <= 100.0
+
+
+def test_missing_real_data_names_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Expected layout"):
+        finetune.main(config(tmp_path, "--task", "partseg", "--data", "real", "--data_root", str(tmp_path / "none")))
