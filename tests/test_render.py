@@ -216,3 +216,20 @@ def test_pixels_to_patches_and_errors():
         MultiViewRenderer()(torch.zeros(1, 0, 3))
     with pytest.raises(ValueError, match="query"):
         MultiViewRenderer().project(torch.zeros(2, 5, 3), torch.zeros(1, 5, 3))
+
+
+def test_forward_equals_the_pipeline_written_with_plain_3d_operations():
+    # The separable densify pool must give exactly PointCLIP V2's (1, 7, 7) max-pool, and the rest of the
+    # pipeline (smooth, squeeze, 1 - depth / max, resize, 3 channels) must match it written out step by step.
+    import torch.nn.functional as F
+
+    renderer = MultiViewRenderer(num_views=4, image_size=64, grid_size=64)
+    points = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    grid = renderer.voxelize(points).flatten(0, 1).unsqueeze(1)  # (B * V, 1, d, g, g)
+    dense = F.max_pool3d(grid, kernel_size=(1, 7, 7), stride=1, padding=(0, 2, 2))
+    smooth = F.conv3d(dense, renderer.smooth_kernel, padding=(0, 1, 1))
+    depth_map = smooth.amax(dim=2)
+    image = 1 - depth_map / depth_map.amax(dim=(-2, -1), keepdim=True)
+    image = F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
+    expected = image.repeat(1, 3, 1, 1).view(2, 4, 3, 64, 64)
+    torch.testing.assert_close(renderer(points), expected, atol=1e-6, rtol=0)
