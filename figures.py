@@ -302,7 +302,7 @@ def curves_figure(log_paths, path, labels=None):
     if not loss:
         raise ValueError(f"The logs {log_paths} hold no epoch lines; run pretrain.py for at least one epoch first.")
     accuracy = [(label, colour, [r["epoch"] for r in records if "svm_accuracy" in r],
-                 [100 * r["svm_accuracy"] for r in records if "svm_accuracy" in r]) for label, colour, records in runs]
+                 [r["svm_accuracy"] for r in records if "svm_accuracy" in r]) for label, colour, records in runs]
     accuracy = [entry for entry in accuracy if entry[2]]  # runs that logged the SVM (pretrain.py --svm_every)
     panels = [("reconstruction loss L_R (Eq. 16)", "squared-L2 Chamfer", loss)]
     panels += [("linear-SVM accuracy, synthetic shapes", "accuracy (%)", accuracy)] if accuracy else []

@@ -234,7 +234,8 @@ class KRMAE(nn.Module):
         predicted = self.reconstruction_head(decoded).reshape(batch_size, num_masked, cfg.group_size, 3)  # (B, Gm, K, 3)
         target = gather_tokens(neighborhoods, masked_index)  # (B, Gm, K, 3)
 
-        # Eq. (16) per masked group; L_R is their mean (Point-MAE).
+        # Eq. (16) per masked group. NOTE(unspecified): L_R is Point-MAE's mean over the masked groups of the batch;
+        # the per-group values are the L_R^i of Eq. (8).
         token_errors = chamfer_distance(predicted.flatten(0, 1), target.flatten(0, 1)).view(batch_size, num_masked)
         loss_rec = token_errors.mean()  # Eq. (16)
         loss_policy = (reinforce_loss(log_probs, masked_index, token_errors) if log_probs is not None
@@ -249,8 +250,12 @@ ENCODER_PREFIXES = ("tokenizer_3d.", "encoder_pos.", "encoder.")
 
 
 def encoder_state_dict(model_state):
-    """The 3-D path that fine-tuning keeps: tokenizer_3d.*, encoder_pos.*, encoder.* (the decoder is dropped)."""
-    return {name: value for name, value in model_state.items() if name.startswith(ENCODER_PREFIXES)}
+    """The 3-D path that fine-tuning keeps: tokenizer_3d.*, encoder_pos.*, encoder.* (the decoder is dropped).
+
+    The MLP fusion of Table 6 row A (`fusion_mlp`, kat.py) acts only on 2-D tokens, which fine-tuning does not
+    have, so its weights are dropped too; the other fusions share all their weights with the 3-D path."""
+    return {name: value for name, value in model_state.items()
+            if name.startswith(ENCODER_PREFIXES) and ".fusion_mlp." not in name}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +326,9 @@ def epoch_order(num_samples, seed, epoch):
 
 
 def trainable_state(model):
-    """The model's state dict without a pre-trained frozen CLIP tower (reloaded from CLIP's file on resume)."""
+    """The model's state dict without a pre-trained frozen CLIP tower (reloaded from CLIP's file on resume).
+
+    NOTE(unspecified): a random tower (tests, the tiny preset) is saved, since nothing else could restore it."""
     state = model.state_dict()
     tokenizer_2d = getattr(model, "tokenizer_2d", None)
     if tokenizer_2d is not None and tokenizer_2d.visual_is_pretrained:
@@ -476,7 +483,7 @@ def main(cfg):
         snapshot = rng_state()  # the SVM and the picture below must not change the training's random stream
         if cfg.svm_every and (epoch + 1) % cfg.svm_every == 0:
             import finetune  # the linear-SVM protocol lives with the downstream tasks
-            record["svm_accuracy"] = finetune.svm_accuracy_synthetic(model, cfg, device)
+            record["svm_accuracy"] = 100 * finetune.svm_accuracy_synthetic(model, cfg, device)  # in %, as finetune.py
         if cfg.picture_every and ((epoch + 1) % cfg.picture_every == 0 or epoch + 1 == cfg.epochs):
             reconstruction_picture(model, picture_points, os.path.join(cfg.out_dir, f"reconstruction_{epoch:03d}.png"))
         set_rng_state(snapshot)

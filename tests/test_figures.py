@@ -124,7 +124,7 @@ def test_curves_figure_one_panel_per_logged_quantity_and_one_colour_per_run(run,
     assert figures.curves_figure([str(run / "log.jsonl")], tmp_path / "one.png") == ["reconstruction loss L_R (Eq. 16)"]
     assert Image.open(tmp_path / "one.png").size == (520, 400)
     other = tmp_path / "other.jsonl"
-    records = [{"epoch": epoch, "loss_rec": 0.1 / (epoch + 1), "svm_accuracy": 0.5 + 0.1 * epoch} for epoch in range(4)]
+    records = [{"epoch": epoch, "loss_rec": 0.1 / (epoch + 1), "svm_accuracy": 50.0 + 10 * epoch} for epoch in range(4)]
     other.write_text("".join(json.dumps(record) + "\n" for record in records))
     panels = figures.curves_figure([str(run / "log.jsonl"), str(other)], tmp_path / "two.png", labels=["tiny", "other"])
     image = Image.open(tmp_path / "two.png").convert("RGB")

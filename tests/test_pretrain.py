@@ -49,11 +49,12 @@ def test_learning_rate_warmup_then_cosine():
 
 
 def test_tiny_run_writes_checkpoint_log_picture_and_loss_goes_down(tmp_path):
-    pretrain.main(tiny(tmp_path, epochs=4, synthetic_size=64))
+    pretrain.main(tiny(tmp_path, epochs=4, synthetic_size=64, svm_every=4))
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [record["epoch"] for record in records] == [0, 1, 2, 3]
     assert records[-1]["loss_rec"] < records[0]["loss_rec"]
     assert all(record["loss_policy"] != 0 for record in records)  # reinforced masking trains its policy
+    assert "svm_accuracy" not in records[2] and 0 <= records[3]["svm_accuracy"] <= 100
     assert (tmp_path / "last.pth").is_file() and not (tmp_path / "last.pth.tmp").exists()
     assert (tmp_path / "reconstruction_003.png").is_file()
 
@@ -116,11 +117,12 @@ def test_ablation_variants_run_a_step(tmp_path, overrides):
     assert all(p.grad is not None for p in model.encoder_pos.parameters())
 
 
-def test_encoder_state_dict_loads_into_a_3d_only_encoder(tmp_path):
+@pytest.mark.parametrize("fusion", ["aligned", "mlp"])
+def test_encoder_state_dict_loads_into_a_3d_only_encoder(tmp_path, fusion):
     from kat import KATransformer
     from tokenizer import CenterEmbedding, PointTokenizer
 
-    cfg = tiny(tmp_path)
+    cfg = tiny(tmp_path, fusion=fusion)
     state = pretrain.encoder_state_dict(KRMAE(cfg).state_dict())
     assert state and not any(name.startswith(("decoder", "tokenizer_2d", "selector", "masking")) for name in state)
     encoder_only = torch.nn.Module()
