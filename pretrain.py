@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 from kat import KATransformer
@@ -443,8 +443,6 @@ def main(cfg):
         truncate_log(log_path, 0)  # a fresh run starts a fresh log
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    from tqdm import tqdm
-
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = epoch_order(len(dataset), cfg.seed, epoch)

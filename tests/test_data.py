@@ -181,7 +181,7 @@ def test_synthetic_variants_differ_as_intended():
     background = data.SyntheticShapes("test", num_points=1024, variant="background")
     perturbed = data.SyntheticShapes("test", num_points=1024, variant="perturbed")
     for index in range(12):
-        clean_points = clean[index][0]
+        clean_points, _, clean_parts = clean[index]
         _, _, background_parts = background[index]
         perturbed_points, _, perturbed_parts = perturbed[index]
         assert (background_parts == -1).sum() > 100
@@ -190,7 +190,9 @@ def test_synthetic_variants_differ_as_intended():
         moved = perturbed_points.mean(dim=0).norm() > 0.02 or abs(perturbed_points.norm(dim=1).max() - 1) > 0.02
         assert moved
         # Clean and background share the object: the same part labels appear (the variants are of one shape).
-        assert set(clean[index][2].unique().tolist()) == set(background_parts[background_parts >= 0].unique().tolist())
+        assert set(clean_parts.unique().tolist()) == set(background_parts[background_parts >= 0].unique().tolist())
+        # The clean variant is centred in the unit sphere (Point-MAE's normalisation); perturbed need not be.
+        assert clean_points.mean(dim=0).norm() < 1e-4 and abs(clean_points.norm(dim=1).max() - 1) < 1e-4
 
 
 def test_cut_away_removes_the_requested_fraction_beyond_a_plane():

@@ -1,7 +1,6 @@
 """Tests of pretrain.py: Eq. (16), the whole pipeline on the tiny preset, exact resume, checkpoints, flags."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
