@@ -21,6 +21,7 @@ Every hyperparameter is a field of `Config` below and a flag: `--lr=5e-4`, `--no
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from tokenizer import CenterEmbedding, ImagePatchTokenizer, PointTokenizer
 
 @dataclass
 class Config:
+    """KR-MAE pre-training (python pretrain.py --help lists every flag with its source)."""
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "auto"              # "auto" (ShapeNet55 if data_root exists, else synthetic), "shapenet55", "synthetic"
     data_root: str = "data/ShapeNet55-34"  # Point-BERT's layout, see data.py
@@ -105,18 +107,32 @@ PRESETS = {
 
 
 def parse_config(config_class, argv=None, presets=PRESETS):
-    """Turn a dataclass into argparse flags (`--lr 5e-4`, `--lr=5e-4`, `--no-use_2d`), applying `--preset` first."""
+    """Turn a dataclass into argparse flags (`--lr 5e-4`, `--lr=5e-4`, `--no-use_2d`), with each field's source comment
+    as its help. Defaults come from the dataclass, then `--preset`, then (pretrain.py) the checkpoint of `--resume`;
+    flags given on the command line win over all three."""
+    comments = {}  # field name -> the comment after it in the dataclass, shown by --help
+    for line in inspect.getsource(config_class).splitlines():
+        code, _, comment = line.partition("#")
+        if ":" in code and "=" in code:
+            comments[code.split(":")[0].strip()] = comment.strip().replace("%", "%%")
     parser = argparse.ArgumentParser(description=(config_class.__doc__ or "").split("\n")[0])
     for field in dataclasses.fields(config_class):
+        help_text = f"{comments.get(field.name, '')} (default: %(default)s)"
         if field.type in (bool, "bool"):
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help_text)
         else:
             field_type = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-            parser.add_argument(f"--{field.name}", type=field_type, default=field.default)
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset and preset not in presets:
-        parser.error(f"unknown preset {preset!r}; expected one of {sorted(name for name in presets if name)}")
-    parser.set_defaults(**presets.get(preset, {}))  # the preset replaces defaults; explicit flags still win
+            parser.add_argument(f"--{field.name}", type=field_type, default=field.default, help=help_text)
+    known = parser.parse_known_args(argv)[0]
+    if known.preset and known.preset not in presets:
+        parser.error(f"unknown preset {known.preset!r}; expected one of {sorted(name for name in presets if name)}")
+    parser.set_defaults(**presets.get(known.preset, {}))  # the preset replaces defaults; explicit flags still win
+    resume = getattr(known, "resume", "")
+    if isinstance(resume, str) and resume:
+        # Continue with the run's own settings, so `--resume path` alone is enough; explicit flags still win.
+        saved = load_checkpoint(resume)["config"]
+        parser.set_defaults(**{name: value for name, value in saved.items() if name != "resume"})
     return config_class(**vars(parser.parse_args(argv)))
 
 

@@ -71,7 +71,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(tiny(tmp_path / "resumed"))
     monkeypatch.setattr(pretrain, "epoch_order", original_order)
-    resumed = pretrain.main(tiny(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "last.pth")))
+    # `--resume path` alone restores the run's own settings (the tiny preset, the test's sizes and folder).
+    resumed_cfg = parse_config(Config, ["--resume", str(tmp_path / "resumed" / "last.pth")])
+    assert resumed_cfg == tiny(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "last.pth"))
+    assert parse_config(Config, ["--resume", resumed_cfg.resume, "--epochs", "5"]).epochs == 5  # flags still win
+    resumed = pretrain.main(resumed_cfg)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     lines = open(tmp_path / "resumed" / "log.jsonl").read().splitlines()
