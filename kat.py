@@ -44,7 +44,7 @@ class DropPath(nn.Module):
 
 
 class KeyPartAttention(nn.Module):
-    """Self-attention over the 3-D tokens plus the chosen 2-D fusion term (inputs already layer-normed).
+    """Self-attention over the 3-D tokens plus the chosen 2-D fusion term (the 3-D input already layer-normed).
 
     fusion "aligned" (Table 6 row D): Eq. (14) with the mask of Eq. (12); align_mask None = PMA identity.
     fusion "cross" (row C): Eq. (14) without any mask, every 3-D token attends to all M tokens of each view.
@@ -183,10 +183,11 @@ class KATBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
 
     def forward(self, x, tokens_2d=None, align_mask=None):
-        # NOTE(unspecified): the 2-D tokens pass through this block's norm1 (same space as the 3-D tokens) and
-        # are constant inputs to every block (never updated), since the paper only defines 3-D outputs.
-        normed_2d = None if tokens_2d is None else self.norm1(tokens_2d)  # (B, S, M, D)
-        x = x + self.drop_path(self.attn(self.norm1(x), normed_2d, align_mask))  # (B, Gv, D)
+        # NOTE(unspecified): the 2-D tokens enter Eq. (11) as given, E_2D^vis W, with no LayerNorm (the pre-LN of
+        # Point-MAE normalises only the 3-D stream), and are constant inputs to every block (never updated), since
+        # the paper only defines 3-D outputs. A LayerNorm here would undo any scaling of the 2-D tokens, such as
+        # the reliability scores by which rvs.py weighs the selected views, and so cut the selector's gradient.
+        x = x + self.drop_path(self.attn(self.norm1(x), tokens_2d, align_mask))  # (B, Gv, D)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, Gv, D)
 
 
@@ -270,7 +271,7 @@ if __name__ == "__main__":
         block = KATBlock(dim, heads, fusion=fusion)
         block.attn.load_state_dict(panels[0][1] if panels else block.attn.state_dict())  # same weights
         with torch.no_grad():
-            weights = block.attn.cross_attention_weights(block.norm1(x), block.norm1(aligned_2d))  # (B, S, h, Gv, Gv)
+            weights = block.attn.cross_attention_weights(block.norm1(x), aligned_2d)  # (B, S, h, Gv, Gv)
         print(f"{fusion} weights {tuple(weights.shape)}, row sums {weights[0, 0, 0].sum(-1)[:3].tolist()}")
         panels.append((fusion, block.attn.state_dict(), _heat_map(weights[0, 0, 0], cell=16)))
     margin = 24

@@ -148,3 +148,14 @@ def test_paper_configuration_builds_and_runs_one_step_on_the_cpu(tmp_path):
     assert out["predicted"].shape == (2, 38, 32, 3) and out["selected_views"].shape == (2, 3)
     assert torch.isfinite(out["loss"])
     assert all(not torch.equal(a, b) for a, b in zip(before, model.encoder.blocks[0].parameters()) if a.ndim == 2)
+
+
+def test_reconstruction_loss_trains_the_view_selector(tmp_path):
+    # rvs.py gates the selected views' tokens by their scores so that L_R trains the selector (NOTE(unspecified));
+    # nothing downstream may normalise that gate away (a LayerNorm on the 2-D tokens gave gradients ~1e-8 here).
+    torch.manual_seed(0)
+    cfg = tiny(tmp_path, num_views=10, num_selected_views=3)
+    model = KRMAE(cfg)
+    model(torch.randn(8, cfg.num_points, 3))["loss_rec"].backward()
+    selector_gradient = sum(p.grad.norm() ** 2 for p in model.selector.parameters()) ** 0.5
+    assert selector_gradient > 1e-6
