@@ -130,6 +130,8 @@ def report(results):
         for label, name in rows:
             runs = by_name.get(name, [])
             seeds = ",".join(str(run["seed"]) for run in runs)
+            if any("stale" in run for run in runs):  # measured with an earlier version of the code (see its note)
+                label += " †"
             loss = mean_std([run["pretrain_loss_rec"] for run in runs])
             if table == "Table 5":
                 lines.append(f"| {label} | {loss} | {seeds} |")
@@ -140,6 +142,8 @@ def report(results):
     lines += ["\n**From scratch vs KR-MAE pre-training** (same fine-tune)\n", "| encoder | fine-tune acc., perturbed (%) |",
               "|---|---|", f"| random init | {mean_std([run['finetune_accuracy'] for run in scratch])} |",
               f"| KR-MAE (row D) | {mean_std([run['finetune_accuracy'] for run in pretrained])} |"]
+    stale = sorted({run["stale"] for run in results if "stale" in run})
+    lines += [f"\n† {note}" for note in stale]
     return "\n".join(lines)
 
 
