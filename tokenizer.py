@@ -134,6 +134,12 @@ class PointTokenizer(nn.Module):
         self.group_encoder = MiniPointNet(dim)
 
     def forward(self, points, start_index=None):
+        # The entry point of every model (pre-training and fine-tuning): check the input's shape once, here (values
+        # are checked by the readers and by the training loops' non-finite-loss stop, without a device sync).
+        if points.ndim != 3 or points.shape[-1] != 3 or points.shape[1] < max(self.num_groups, self.group_size):
+            raise ValueError(f"Expected points of shape (B, N, 3) with N >= {max(self.num_groups, self.group_size)} "
+                             f"(num_groups {self.num_groups}, group_size {self.group_size}); found "
+                             f"{tuple(points.shape)}.")
         # centers (B, G, 3), neighborhoods (B, G, K, 3)
         centers, neighborhoods = group_points(points, self.num_groups, self.group_size, start_index)
         tokens = self.group_encoder(neighborhoods)  # (B, G, D)  Eq. (3)

@@ -166,3 +166,10 @@ def test_missing_checkpoint_gives_a_clear_error():
         tokenizer.ImagePatchTokenizer(clip_model="/nonexistent/ViT-B-16.pt")
     message = str(error.value)
     assert "/nonexistent/ViT-B-16.pt" in message and "local path" in message and "random_tower" in message
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 2), (256, 3), (2, 8, 3)])
+def test_point_tokenizer_rejects_bad_input_with_a_clear_message(shape):
+    model = tokenizer.PointTokenizer(num_groups=16, group_size=8, dim=32)
+    with pytest.raises(ValueError, match=r"Expected points of shape \(B, N, 3\)"):
+        model(torch.randn(*shape))
