@@ -203,7 +203,8 @@ class KRMAE(nn.Module):
         with torch.no_grad():
             images = self.renderer(points)  # (B, V, 3, H, W)  Eq. (1)
             pixels = self.renderer.project(points, centers)  # (B, V, G, 2)
-        patch_index = pixels_to_patches(pixels, self.cfg.image_size, 16)  # (B, V, G)
+        patch_size = self.cfg.image_size // self.tokenizer_2d.grid_size  # the tower's own patch size (16 for ViT-B/16)
+        patch_index = pixels_to_patches(pixels, self.cfg.image_size, patch_size)  # (B, V, G)
         return self.tokenizer_2d(images), patch_index  # (B, V, P, D)  Eq. (2)
 
     def forward(self, points):
