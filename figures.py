@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import data
 import masking
 import pretrain
+import synthetic
 from render import MultiViewRenderer
 from tokenizer import group_points
 
@@ -58,11 +58,11 @@ def load_model(checkpoint_path, clip_model=""):
 
 
 def sample_shape(category="chair", num_points=1024, seed=0):
-    """The first shape of `category` in the synthetic test split: points (N, 3). Label = index % 12 (data.py)."""
-    if category not in data.SYNTHETIC_CATEGORIES:
-        raise ValueError(f"category must be one of {data.SYNTHETIC_CATEGORIES}, found {category!r}.")
-    dataset = data.SyntheticShapes("test", num_points=num_points, seed=seed)
-    return dataset[data.SYNTHETIC_CATEGORIES.index(category)][0]  # (N, 3)
+    """The first shape of `category` in the synthetic test split: points (N, 3). Label = index % 12 (synthetic.py)."""
+    if category not in synthetic.SYNTHETIC_CATEGORIES:
+        raise ValueError(f"category must be one of {synthetic.SYNTHETIC_CATEGORIES}, found {category!r}.")
+    dataset = synthetic.SyntheticShapes("test", num_points=num_points, seed=seed)
+    return dataset[synthetic.SYNTHETIC_CATEGORIES.index(category)][0]  # (N, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,49 +1,41 @@
-"""Data for KR-MAE: built-in synthetic shapes and readers for the paper's datasets.
+"""Built-in synthetic point clouds for KR-MAE: 12 categories of objects made of named parts, no files needed.
 
-The KR-MAE paper ("Experiments") pre-trains on ShapeNet (1,024 points per shape), fine-tunes on ScanObjectNN
-(OBJ-BG, OBJ-ONLY, PB-T50-RS; 2,048 points), runs n-way m-shot classification on ModelNet40 and part
-segmentation on ShapeNetPart (2,048 points, 50 part labels). This file holds one reader per dataset, in the
-on-disk layouts users already have (REFERENCE.md section 5), plus a synthetic stand-in that needs no files.
+The KR-MAE paper ("Experiments") trains on real datasets only (ShapeNet, ScanObjectNN, ModelNet40, ShapeNetPart;
+their readers are in datasets.py). These synthetic shapes are this project's stand-in, so that every script runs
+and is tested with no download. They are not from the paper and are no benchmark. This file does not import
+datasets.py (nor the reverse): copy either one alone.
 
 Map of this file
-  1. Shared helpers        normalize_unit_sphere (Point-MAE pc_normalize), _check_points, numpy FPS,
-                           text / pickle readers that name the offending file in every error.
+  1. Helpers               normalize_unit_sphere (Point-MAE pc_normalize) and _to_tensors, copies of their twins in
+                           datasets.py so that this file stands alone.
   2. Primitive surfaces    boxes, open tubes (cylinders and cone frusta), discs, spheres, hemispheres, tori,
                            each sampled uniformly by area, vectorised numpy.
   3. Synthetic categories  12 objects built from named parts (table, chair, lamp, airplane, mug, ...).
-  4. Synthetic variants    "clean" (like OBJ-ONLY), "background" (like OBJ-BG), "perturbed" (like PB-T50-RS),
-                           and the SyntheticShapes dataset.
-  5. ShapeNet55            Point-BERT layout, pre-training.
-  6. ModelNet40            modelnet40_normal_resampled txt files or Point-MAE's FPS cache (.dat).
-  7. ModelNetFewShot       Point-BERT few-shot episodes ({way}way_{shot}shot/{fold}.pkl).
-  8. ScanObjectNN          HDF5 files of the three variants.
-  9. ShapeNetPart          part segmentation (16 categories, 50 parts).
- 10. Augmentation          scale_and_translate (Point-MAE's only augmentation), batched torch.
- 11. Demo                  python data.py [--out data_demo.png]
+  4. Synthetic variants    "clean" (like ScanObjectNN's OBJ-ONLY), "background" (like OBJ-BG), "perturbed" (like
+                           PB-T50-RS), and the SyntheticShapes dataset.
+  5. Demo                  python synthetic.py [--out synthetic_demo.png]
 
-What every dataset returns
-  classification:  (points FloatTensor (N, 3), label LongTensor ())
-  segmentation:    (points FloatTensor (N, 3), category LongTensor (), parts LongTensor (N,))
-  SyntheticShapes returns the segmentation triple for every variant (parts = -1 on background clutter), so the
-  same synthetic data serves pre-training, classification (ignore parts) and part segmentation.
+What SyntheticShapes returns, for every variant
+  (points FloatTensor (N, 3), label LongTensor (), parts LongTensor (N,)), parts = -1 on background clutter, so
+  the same data serves pre-training, classification (ignore parts) and part segmentation, like the segmentation
+  triple of datasets.ShapeNetPart.
 
-No equations of the paper live here. Paper -> code: "1,024 points" -> num_points=1024 (pre-training, ModelNet40),
-"2,048 points" -> num_points=2048 (ScanObjectNN as stored, ShapeNetPart), n-way m-shot -> way, shot.
+No equations of the paper live here. Paper -> code: "1,024 points" -> num_points=1024 (pre-training),
+"2,048 points" -> num_points=2048 (ScanObjectNN-like fine-tuning, part segmentation).
 
-Shape legend: B batch, N points, M points stored in a file, 3 = xyz.
+Shape legend: N points, 3 = xyz.
 Conventions: y is the up axis (ShapeNet's convention); random object rotations turn about y.
+Reproducibility: sample i of a split is a pure function of (seed, split, i, num_points, variant), drawn from
+numpy's Generator seeded with [seed, split_id, i]; tests/test_synthetic.py pins a few samples bit for bit.
 
-Demo: `python data.py [--out data_demo.png]` prints one sample per synthetic category and variant, times the
+Demo: `python synthetic.py [--out synthetic_demo.png]` prints one sample per category and variant, times the
 generator (samples/s) and writes a picture of one sample per category plus the three variants of one shape.
 """
 
 import argparse
-import json
 import math
-import pickle
 import time
 from collections import namedtuple
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,11 +43,14 @@ from torch.utils.data import Dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Shared helpers
+# 1. Helpers (copies of their twins in datasets.py, so that each file can be copied alone)
 # ----------------------------------------------------------------------------------------------------------------
 
 def normalize_unit_sphere(points):
-    """Centre a point cloud on its centroid and scale it into the unit sphere (Point-MAE's pc_normalize)."""
+    """Centre a point cloud on its centroid and scale it into the unit sphere (Point-MAE's pc_normalize).
+
+    Twin of datasets.normalize_unit_sphere (kept identical: the synthetic samples are pinned bit for bit).
+    """
     # Subtract the mean of the points, not the bounding-box centre (Point-MAE pc_normalize).
     centered = points - points.mean(axis=0, keepdims=True)  # (N, 3)
     # The farthest point from the centroid ends up at distance exactly 1.
@@ -64,124 +59,12 @@ def normalize_unit_sphere(points):
     return centered / radius if radius > 0 else centered
 
 
-def _check_points(array, path, expected_columns, min_rows=1):
-    """Raise a ValueError naming `path` unless `array` is a finite float table of shape (M, expected_columns)."""
-    # Wrong rank or wrong number of columns: say what was found and what the reader expected.
-    if array.ndim != 2 or array.shape[1] != expected_columns or array.shape[0] < min_rows:
-        raise ValueError(
-            f"{path}: expected an array of shape (M, {expected_columns}) with M >= {min_rows}, "
-            f"found shape {tuple(array.shape)}.")
-    # NaN or infinite coordinates would silently poison every loss downstream.
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise ValueError(
-            f"{path} contains {int((~finite).sum())} NaN or infinite values; expected only finite numbers.")
-
-
-def farthest_point_sample_numpy(points, num_samples, start_index=0):
-    """Indices (num_samples,) of a farthest point sampling of points (N, 3), starting at `start_index`.
-
-    Numpy twin of tokenizer.farthest_point_sample (batched torch). FPS is greedy, so the first k indices of a
-    longer run are exactly a k-point FPS: that is why a prefix of Point-MAE's 8192-point cache is an FPS subsample.
-    """
-    # The loop runs over the samples (inherent to FPS); each step is vectorised over all N points.
-    # Separate contiguous x, y, z arrays and in-place ufuncs: ~10x faster than reducing an (N, 3) array per step.
-    coordinates = [np.ascontiguousarray(points[:, axis], dtype=np.float64) for axis in range(3)]  # 3 x (N,)
-    selected = np.empty(num_samples, dtype=np.int64)  # (num_samples,)
-    # Squared distance of every point to its nearest selected point so far.
-    nearest_distance = np.full(points.shape[0], np.inf)  # (N,)
-    distance, term = np.empty(points.shape[0]), np.empty(points.shape[0])  # (N,) scratch buffers
-    current = start_index
-    for step in range(num_samples):
-        selected[step] = current
-        # Squared distances to the point just selected shrink the running minimum.
-        distance.fill(0.0)
-        for axis_values in coordinates:
-            np.subtract(axis_values, axis_values[current], out=term)
-            distance += np.square(term, out=term)
-        np.minimum(nearest_distance, distance, out=nearest_distance)
-        # The next sample is the point farthest from all selected points (ties: lowest index).
-        current = int(nearest_distance.argmax())
-    return selected
-
-
-def _resolve_root(root, markers, subfolders, dataset_name, layout):
-    """Return the folder that holds one of `markers`: `root` itself or one of its usual subfolders."""
-    root = Path(root)
-    # Accept both the dataset folder itself and its parent (e.g. data/ or data/ShapeNet55-34/).
-    for candidate in [root] + [root / name for name in subfolders]:
-        if any((candidate / marker).exists() for marker in markers):
-            return candidate
-    raise FileNotFoundError(
-        f"{dataset_name} data was not found under '{root}'. Expected layout: {layout}")
-
-
-def _read_lines(path, dataset_name, layout):
-    """Non-empty stripped lines of a list file; a missing file gives an error that shows the expected layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{dataset_name} list file '{path}' does not exist. Expected layout: {layout}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read_text_table(path, expected_columns):
-    """Read a text table of numbers separated by commas or spaces into float32 (M, C); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Point file '{path}' does not exist.")
-    text = path.read_text()
-    # Count the columns of the first line so that a table with the wrong width is reported, not reshaped.
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    num_columns = len(first_line.replace(",", " ").split())
-    try:
-        # Commas and whitespace both separate numbers (ModelNet40 uses commas, ShapeNetPart spaces).
-        values = np.array(text.replace(",", " ").split(), dtype=np.float32)  # (M * C,)
-    except ValueError as error:
-        raise ValueError(f"{path} contains text that is not a number ({error}).") from None
-    if num_columns == 0 or values.size % num_columns != 0:
-        raise ValueError(
-            f"{path}: expected {expected_columns} numbers on every line, found lines of different lengths.")
-    table = values.reshape(-1, num_columns)  # (M, C)
-    _check_points(table, path, expected_columns)
-    return table
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds numpy arrays and scalars but refuses every other global.
-
-    The dataset caches (.dat, .pkl) are pickles; a plain pickle.load would run any code a tampered file names.
-    NOTE(deviation): Point-MAE / Point-BERT use plain pickle.load; we accept only numpy arrays and scalars inside
-    lists, tuples and dicts, which is all these files hold.
-    """
-    ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
-
-    def find_class(self, module, name):
-        # numpy >= 1.25 also pickles dtypes as numpy.dtypes.<Name>DType classes.
-        if (module, name) in self.ALLOWED or module == "numpy.dtypes":
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'; only numpy arrays are expected")
-
-
-def _load_numpy_pickle(path):
-    """Load a pickle of lists, tuples, dicts and numpy arrays; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Pickle file '{path}' does not exist.")
-    try:
-        with open(path, "rb") as handle:
-            return _NumpyOnlyUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as error:
-        raise ValueError(f"{path} could not be read as a pickle of numpy arrays ({error}).") from None
-
-
 def _to_tensors(points, *labels):
-    """numpy points (N, 3) and integer labels -> (FloatTensor (N, 3), LongTensor ... )."""
-    # torch.tensor copies, so a caller editing a sample in place never corrupts a dataset's in-memory cache.
+    """numpy points (N, 3) and integer labels -> (FloatTensor (N, 3), LongTensor ... ).
+
+    Twin of datasets._to_tensors.
+    """
+    # torch.tensor copies, so a caller editing a sample in place never touches the generator's arrays.
     return (torch.tensor(np.asarray(points), dtype=torch.float32),
             *(torch.tensor(np.asarray(label), dtype=torch.long) for label in labels))
 
@@ -680,351 +563,7 @@ class SyntheticShapes(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. ShapeNet55 (pre-training, Point-BERT layout)
-# ----------------------------------------------------------------------------------------------------------------
-SHAPENET55_LAYOUT = ("ROOT/ShapeNet-55/train.txt and test.txt (one '<synset>-<model>.npy' name per line) and "
-                     "ROOT/shapenet_pc/<synset>-<model>.npy (8192 x 3 float each); ROOT may also be the parent "
-                     "of a ShapeNet55-34/ folder.")
-
-
-class ShapeNet55(Dataset):
-    """ShapeNet55 point clouds: a random num_points subset of the 8192 stored points, then unit-sphere normalised.
-
-    Label = index of the synset (file-name prefix) in the sorted list of synsets found in train.txt + test.txt.
-    The subset uses torch's global RNG, so DataLoader workers and torch.manual_seed control it.
-    """
-
-    def __init__(self, root, split="train", num_points=1024):
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', found '{split}'.")
-        self.root = _resolve_root(root, ["ShapeNet-55"], ["ShapeNet55-34", "ShapeNet55"], "ShapeNet55",
-                                  SHAPENET55_LAYOUT)
-        self.num_points = num_points
-        lists = {name: _read_lines(self.root / "ShapeNet-55" / f"{name}.txt", "ShapeNet55", SHAPENET55_LAYOUT)
-                 for name in ("train", "test")}
-        if not (self.root / "shapenet_pc").is_dir():
-            raise FileNotFoundError(
-                f"ShapeNet55 folder '{self.root / 'shapenet_pc'}' does not exist. Expected layout: {SHAPENET55_LAYOUT}")
-        # The synset is the part of the file name before the first '-'.
-        self.categories = sorted({name.split("-")[0] for names in lists.values() for name in names})
-        synset_index = {synset: index for index, synset in enumerate(self.categories)}
-        self.num_classes = len(self.categories)
-        self.file_names = lists[split]
-        self.labels = [synset_index[name.split("-")[0]] for name in self.file_names]
-
-    def __len__(self):
-        return len(self.file_names)
-
-    def __getitem__(self, index):
-        path = self.root / "shapenet_pc" / self.file_names[index]
-        if not path.is_file():
-            raise FileNotFoundError(f"ShapeNet55 point cloud '{path}' is listed but missing. "
-                                    f"Expected layout: {SHAPENET55_LAYOUT}")
-        try:
-            stored = np.load(path, allow_pickle=False)  # (M, 3), M = 8192
-        except (ValueError, OSError) as error:
-            raise ValueError(f"{path} could not be read as a .npy array ({error}).") from None
-        _check_points(stored, path, 3, min_rows=self.num_points)
-        # Point-BERT / Point-MAE: a random subset first, normalisation second.
-        subset = torch.randperm(stored.shape[0])[:self.num_points].numpy()  # (N,)
-        return _to_tensors(normalize_unit_sphere(stored[subset].astype(np.float64)), self.labels[index])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. ModelNet40 (txt files or Point-MAE's FPS cache)
-# ----------------------------------------------------------------------------------------------------------------
-MODELNET40_LAYOUT = ("ROOT/modelnet40_shape_names.txt, ROOT/modelnet40_{train,test}.txt (ids like airplane_0001) "
-                     "and ROOT/<class>/<id>.txt (10000 lines 'x,y,z,nx,ny,nz'), or Point-MAE's cache "
-                     "ROOT/modelnet40_{train,test}_8192pts_fps.dat; ROOT may also be the parent of "
-                     "modelnet40_normal_resampled/.")
-
-
-class ModelNet40(Dataset):
-    """ModelNet40 shapes: the first num_points of a farthest point sampling, xyz only, unit-sphere normalised.
-
-    Reads Point-MAE's cache modelnet40_{split}_8192pts_fps.dat when it is in the folder (already FPS-ordered, so
-    its prefix is an FPS subsample); otherwise the txt files, running a numpy FPS once per shape.
-    Decoded shapes are cached in memory per dataset instance.
-    """
-
-    def __init__(self, root, split="train", num_points=1024):
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', found '{split}'.")
-        cache_name = f"modelnet40_{split}_8192pts_fps.dat"
-        self.root = _resolve_root(root, [cache_name, "modelnet40_shape_names.txt"],
-                                  ["modelnet40_normal_resampled", "ModelNet/modelnet40_normal_resampled"],
-                                  "ModelNet40", MODELNET40_LAYOUT)
-        self.split, self.num_points, self.num_classes = split, num_points, 40
-        self._cache = {}  # index -> normalised (N, 3) float32
-        names_path = self.root / "modelnet40_shape_names.txt"
-        self.categories = _read_lines(names_path, "ModelNet40", MODELNET40_LAYOUT) if names_path.is_file() else None
-        self.cache_path = self.root / cache_name
-        if self.cache_path.is_file():
-            # Point-MAE's cache: pickle of [list of (8192, 6) arrays, list of (1,) label arrays].
-            content = _load_numpy_pickle(self.cache_path)
-            if not (isinstance(content, (list, tuple)) and len(content) == 2 and len(content[0]) == len(content[1])):
-                raise ValueError(f"{self.cache_path}: expected a pickle of [list of point arrays, list of labels] "
-                                 f"of equal length, found {type(content).__name__}.")
-            self.stored_points = list(content[0])
-            self.labels = [int(np.asarray(label).reshape(-1)[0]) for label in content[1]]
-            self.paths = None
-        else:
-            self.stored_points = None
-            if self.categories is None:
-                raise FileNotFoundError(f"ModelNet40 file '{names_path}' does not exist. Layout: {MODELNET40_LAYOUT}")
-            ids = _read_lines(self.root / f"modelnet40_{split}.txt", "ModelNet40", MODELNET40_LAYOUT)
-            class_index = {name: index for index, name in enumerate(self.categories)}
-            # The class is the id without its trailing _NNNN ('night_stand_0001' -> 'night_stand').
-            class_names = [shape_id.rsplit("_", 1)[0] for shape_id in ids]
-            unknown = sorted(set(class_names) - set(class_index))
-            if unknown:
-                raise ValueError(f"{self.root / f'modelnet40_{split}.txt'} names classes missing from "
-                                 f"{names_path}: {unknown[:5]}.")
-            self.paths = [self.root / name / f"{shape_id}.txt" for name, shape_id in zip(class_names, ids)]
-            self.labels = [class_index[name] for name in class_names]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def _decode(self, index):
-        """Normalised (N, 3) float32 points of shape `index`."""
-        if self.stored_points is not None:
-            stored = np.asarray(self.stored_points[index])  # (8192, 6), already FPS-ordered
-            _check_points(stored, f"{self.cache_path} (entry {index})", 6, min_rows=self.num_points)
-            sampled = stored[:self.num_points, :3]  # (N, 3) prefix of an FPS = an FPS subsample
-        else:
-            stored = _read_text_table(self.paths[index], 6)  # (10000, 6)
-            if stored.shape[0] < self.num_points:
-                raise ValueError(f"{self.paths[index]}: expected at least {self.num_points} points, "
-                                 f"found {stored.shape[0]}.")
-            # NOTE(deviation): Point-MAE starts FPS at a random point; we start at point 0 so loading is
-            # deterministic (the .dat cache keeps whatever start it was built with).
-            xyz = stored[:, :3].astype(np.float64)  # (M, 3)
-            sampled = xyz[farthest_point_sample_numpy(xyz, self.num_points)]  # (N, 3)
-        return normalize_unit_sphere(sampled.astype(np.float64)).astype(np.float32)
-
-    def __getitem__(self, index):
-        if index not in self._cache:
-            self._cache[index] = self._decode(index)
-        return _to_tensors(self._cache[index], self.labels[index])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. ModelNet40 few-shot episodes (Point-BERT layout)
-# ----------------------------------------------------------------------------------------------------------------
-FEWSHOT_LAYOUT = ("ROOT/{way}way_{shot}shot/{fold}.pkl (e.g. ROOT/5way_10shot/0.pkl), each a dict "
-                  "{'train': [...], 'test': [...]} of (points (8192, 6), episode label, ModelNet40 label); "
-                  "ROOT may also be the parent of ModelNetFewshot/.")
-
-
-class ModelNetFewShot(Dataset):
-    """One n-way m-shot fold: first num_points points, xyz, unit-sphere normalised; label = episode label."""
-
-    def __init__(self, root, way, shot, fold, split="train", num_points=1024):
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', found '{split}'.")
-        setting = f"{way}way_{shot}shot"
-        self.root = _resolve_root(root, [setting], ["ModelNetFewshot"], "ModelNet40 few-shot", FEWSHOT_LAYOUT)
-        self.path = self.root / setting / f"{fold}.pkl"
-        if not self.path.is_file():
-            raise FileNotFoundError(f"Few-shot fold '{self.path}' does not exist. Expected layout: {FEWSHOT_LAYOUT}")
-        content = _load_numpy_pickle(self.path)
-        if not (isinstance(content, dict) and split in content):
-            raise ValueError(f"{self.path}: expected a dict with keys 'train' and 'test', "
-                             f"found {type(content).__name__} {sorted(content) if isinstance(content, dict) else ''}.")
-        self.items, self.num_points, self.num_classes = list(content[split]), num_points, way
-        self.split = split
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        where = f"{self.path} ('{self.split}' entry {index})"
-        item = self.items[index]
-        if not (isinstance(item, (tuple, list)) and len(item) == 3):
-            raise ValueError(f"{where}: expected a tuple (points, episode label, original label).")
-        stored, label = np.asarray(item[0]), int(item[1])  # (8192, 6)
-        _check_points(stored, where, 6, min_rows=self.num_points)
-        if not 0 <= label < self.num_classes:
-            raise ValueError(f"{where}: episode label {label} is outside 0..{self.num_classes - 1}.")
-        points = normalize_unit_sphere(stored[:self.num_points, :3].astype(np.float64))  # (N, 3)
-        return _to_tensors(points, label)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. ScanObjectNN (HDF5)
-# ----------------------------------------------------------------------------------------------------------------
-# variant -> (folder, training file, test file) inside the ScanObjectNN download (h5_files/).
-SCANOBJECTNN_FILES = {
-    "obj_bg": ("main_split", "training_objectdataset.h5", "test_objectdataset.h5"),
-    "obj_only": ("main_split_nobg", "training_objectdataset.h5", "test_objectdataset.h5"),
-    "pb_t50_rs": ("main_split", "training_objectdataset_augmentedrot_scale75.h5",
-                  "test_objectdataset_augmentedrot_scale75.h5"),
-}
-# ScanObjectNN's label order (its shape_names.txt).
-SCANOBJECTNN_CATEGORIES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
-                           "bed", "pillow", "sink", "sofa", "toilet")
-
-
-class ScanObjectNN(Dataset):
-    """ScanObjectNN: points exactly as stored (N = 2048, Point-MAE does not normalise them), 15 classes.
-
-    root is the folder holding main_split/ and main_split_nobg/ (or h5_files/ above them, or the split folder
-    itself). NOTE(unspecified): like Point-MAE, the training split shuffles the point order on every access
-    (torch RNG), so FPS starting at point 0 starts at a random point; set shuffle_points=False to disable.
-    """
-
-    def __init__(self, root, variant="obj_bg", split="train", shuffle_points=None):
-        if variant not in SCANOBJECTNN_FILES:
-            raise ValueError(f"variant must be one of {sorted(SCANOBJECTNN_FILES)}, found '{variant}'.")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', found '{split}'.")
-        import h5py  # imported here so that the rest of the file works without it
-        folder, train_file, test_file = SCANOBJECTNN_FILES[variant]
-        file_name = train_file if split == "train" else test_file
-        root = Path(root)
-        candidates = [root / folder / file_name, root / "h5_files" / folder / file_name]
-        if root.name == folder:
-            candidates.append(root / file_name)  # root already is main_split/ or main_split_nobg/
-        self.path = next((path for path in candidates if path.is_file()), candidates[0])
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ScanObjectNN file '{candidates[0]}' does not exist (variant '{variant}', "
-                                    f"split '{split}'); download ScanObjectNN and pass the folder holding {folder}/.")
-        with h5py.File(self.path, "r") as handle:
-            if "data" not in handle or "label" not in handle:
-                raise ValueError(f"{self.path}: expected HDF5 keys 'data' and 'label', found {sorted(handle)}.")
-            self.points = np.asarray(handle["data"][:], dtype=np.float32)  # (S, 2048, 3)
-            self.labels = np.asarray(handle["label"][:]).reshape(-1).astype(np.int64)  # (S,)
-        if self.points.ndim != 3 or self.points.shape[2] != 3 or self.points.shape[0] != self.labels.shape[0]:
-            raise ValueError(f"{self.path}: expected 'data' of shape (S, 2048, 3) and 'label' of shape (S,), "
-                             f"found {self.points.shape} and {self.labels.shape}.")
-        if not np.isfinite(self.points).all():
-            raise ValueError(f"{self.path} contains NaN or infinite values in 'data'; expected only finite numbers.")
-        if self.labels.size and not (0 <= self.labels.min() and self.labels.max() < 15):
-            raise ValueError(f"{self.path}: expected labels in 0..14, found {self.labels.min()}..{self.labels.max()}.")
-        self.variant, self.split, self.num_classes = variant, split, 15
-        self.categories = SCANOBJECTNN_CATEGORIES
-        self.shuffle_points = split == "train" if shuffle_points is None else shuffle_points
-
-    def __len__(self):
-        return self.labels.shape[0]
-
-    def __getitem__(self, index):
-        points = torch.tensor(self.points[index])  # (N, 3), a copy of the stored points
-        if self.shuffle_points:
-            points = points[torch.randperm(points.shape[0])]  # (N, 3) same set, random order
-        return points, torch.tensor(self.labels[index], dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. ShapeNetPart (part segmentation)
-# ----------------------------------------------------------------------------------------------------------------
-SHAPENETPART_LAYOUT = ("ROOT/synsetoffset2category.txt ('<Category> <synset>' per line), "
-                       "ROOT/train_test_split/shuffled_{train,val,test}_file_list.json (lists of "
-                       "'shape_data/<synset>/<id>') and ROOT/<synset>/<id>.txt (lines 'x y z nx ny nz part'); "
-                       "ROOT may also be the parent of shapenetcore_partanno_segmentation_benchmark_v0_normal/.")
-SHAPENETPART_CATEGORIES = ("Airplane", "Bag", "Cap", "Car", "Chair", "Earphone", "Guitar", "Knife", "Lamp",
-                           "Laptop", "Motorbike", "Mug", "Pistol", "Rocket", "Skateboard", "Table")
-# (first part label, number of parts) per category, in the order above: 50 part labels in all.
-SHAPENETPART_PART_RANGES = [(0, 4), (4, 2), (6, 2), (8, 4), (12, 4), (16, 3), (19, 3), (22, 2), (24, 4), (28, 2),
-                            (30, 6), (36, 2), (38, 3), (41, 3), (44, 3), (47, 3)]
-SHAPENETPART_NUM_PARTS = 50
-
-
-class ShapeNetPart(Dataset):
-    """ShapeNetPart shapes: unit-sphere normalised, resampled to num_points (torch RNG), global part labels.
-
-    train = the official train + val lists (Point-MAE), test = the test list. Decoded files are cached.
-    """
-
-    def __init__(self, root, split="train", num_points=2048):
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' (train + val) or 'test', found '{split}'.")
-        self.root = _resolve_root(root, ["synsetoffset2category.txt"],
-                                  ["shapenetcore_partanno_segmentation_benchmark_v0_normal"], "ShapeNetPart",
-                                  SHAPENETPART_LAYOUT)
-        category_path = self.root / "synsetoffset2category.txt"
-        rows = [line.split() for line in _read_lines(category_path, "ShapeNetPart", SHAPENETPART_LAYOUT)]
-        synset_by_name = {row[0]: row[1] for row in rows if len(row) == 2}
-        if tuple(sorted(synset_by_name)) != SHAPENETPART_CATEGORIES:
-            raise ValueError(f"{category_path}: expected the 16 ShapeNetPart categories {SHAPENETPART_CATEGORIES}, "
-                             f"found {sorted(synset_by_name)}.")
-        # Categories sorted by name; label = position, so the standard part ranges apply.
-        category_by_synset = {synset_by_name[name]: index for index, name in enumerate(SHAPENETPART_CATEGORIES)}
-        self.files, self.category_labels = [], []
-        for list_name in (("train", "val") if split == "train" else ("test",)):
-            list_path = self.root / "train_test_split" / f"shuffled_{list_name}_file_list.json"
-            if not list_path.is_file():
-                raise FileNotFoundError(f"ShapeNetPart list '{list_path}' does not exist. "
-                                        f"Expected layout: {SHAPENETPART_LAYOUT}")
-            for entry in json.loads(list_path.read_text()):
-                # Entries look like 'shape_data/<synset>/<id>'.
-                synset, shape_id = entry.split("/")[-2:]
-                if synset not in category_by_synset:
-                    raise ValueError(f"{list_path}: entry '{entry}' names synset {synset}, which is not in "
-                                     f"{category_path}.")
-                self.files.append(self.root / synset / f"{shape_id}.txt")
-                self.category_labels.append(category_by_synset[synset])
-        self.num_points, self.split = num_points, split
-        self.categories, self.num_classes = SHAPENETPART_CATEGORIES, len(SHAPENETPART_CATEGORIES)
-        self.part_ranges, self.num_parts = list(SHAPENETPART_PART_RANGES), SHAPENETPART_NUM_PARTS
-        self._cache = {}  # index -> (normalised points (M, 3) float32, parts (M,) int64)
-
-    def __len__(self):
-        return len(self.files)
-
-    def _decode(self, index):
-        path, category = self.files[index], self.category_labels[index]
-        if not path.is_file():
-            raise FileNotFoundError(f"ShapeNetPart shape '{path}' is listed but missing. "
-                                    f"Expected layout: {SHAPENETPART_LAYOUT}")
-        table = _read_text_table(path, 7)  # (M, 7)
-        parts = np.rint(table[:, 6]).astype(np.int64)  # (M,) global part labels 0..49
-        first, count = SHAPENETPART_PART_RANGES[category]
-        if parts.min() < first or parts.max() >= first + count:
-            raise ValueError(f"{path}: expected part labels {first}..{first + count - 1} for category "
-                             f"{SHAPENETPART_CATEGORIES[category]}, found {parts.min()}..{parts.max()}.")
-        # Point-MAE (PartNormalDataset): normalise the whole file first, then resample.
-        points = normalize_unit_sphere(table[:, :3].astype(np.float64)).astype(np.float32)  # (M, 3)
-        return points, parts
-
-    def __getitem__(self, index):
-        if index not in self._cache:
-            self._cache[index] = self._decode(index)
-        points, parts = self._cache[index]  # (M, 3), (M,)
-        stored = points.shape[0]
-        # NOTE(deviation): Point-MAE always draws the N points with replacement. We draw without replacement when
-        # the file has at least N points; otherwise we keep every stored point once and draw only the missing
-        # N - M with replacement, so no stored point is lost and none is repeated needlessly.
-        if stored >= self.num_points:
-            chosen = torch.randperm(stored)[:self.num_points]  # (N,) without replacement
-        else:
-            chosen = torch.cat([torch.randperm(stored), torch.randint(stored, (self.num_points - stored,))])  # (N,)
-        chosen = chosen.numpy()
-        return _to_tensors(points[chosen], self.category_labels[index], parts[chosen])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 10. Augmentation
-# ----------------------------------------------------------------------------------------------------------------
-
-def scale_and_translate(points, generator=None):
-    """Point-MAE's augmentation: per shape and axis, scale by U[2/3, 3/2] then shift by U[-0.2, 0.2].
-
-    points (B, N, 3) -> (B, N, 3), on points.device. `generator` (optional) is a torch.Generator; the random
-    numbers are drawn on its device and moved to the points.
-    """
-    batch = points.shape[0]
-    device = generator.device if generator is not None else points.device
-    # One scale and one shift per shape and axis, broadcast over the N points.
-    scale = torch.rand(batch, 1, 3, generator=generator, device=device) * (1.5 - 2 / 3) + 2 / 3  # (B, 1, 3)
-    shift = torch.rand(batch, 1, 3, generator=generator, device=device) * 0.4 - 0.2  # (B, 1, 3)
-    scale, shift = scale.to(points.device, points.dtype), shift.to(points.device, points.dtype)
-    return points * scale + shift  # (B, N, 3)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 11. Demo
+# 5. Demo
 # ----------------------------------------------------------------------------------------------------------------
 _PART_COLORS = [(230, 80, 60), (60, 130, 220), (70, 180, 90), (240, 170, 40), (160, 90, 200), (40, 190, 190)]
 
@@ -1054,40 +593,38 @@ def _draw_panel(points, parts, first_part, title, size=220):
 
 def main():
     parser = argparse.ArgumentParser(description="Show and time the synthetic shapes.")
-    parser.add_argument("--out", default="data_demo.png", help="where to write the picture")
+    parser.add_argument("--out", default="synthetic_demo.png", help="where to write the picture")
     parser.add_argument("--num-points", type=int, default=1024)
     args = parser.parse_args()
     from PIL import Image
 
     print(f"{len(SYNTHETIC_CATEGORIES)} categories, {SYNTHETIC_NUM_PARTS} part labels; up axis = y")
-    datasets = {variant: SyntheticShapes("train", args.num_points, variant=variant) for variant in SYNTHETIC_VARIANTS}
+    by_variant = {variant: SyntheticShapes("train", args.num_points, variant=variant) for variant in SYNTHETIC_VARIANTS}
     panels = []
     for category, name in enumerate(SYNTHETIC_CATEGORIES):
         first, count = SYNTHETIC_PART_RANGES[category]
         print(f"{name:9s} parts {first}..{first + count - 1} {SYNTHETIC_PART_NAMES[name]}")
-        for variant, dataset in datasets.items():
+        for variant, dataset in by_variant.items():
             points, label, parts = dataset[category]  # sample index = category, so label = category
             print(f"    {variant:10s} points {tuple(points.shape)} label {tuple(label.shape)}={int(label)} "
                   f"parts {tuple(parts.shape)} distinct object parts {len(set(parts[parts >= 0].tolist()))} "
                   f"clutter points {int((parts < 0).sum())} max |p| {points.norm(dim=1).max():.2f}")
-        points, _, parts = datasets["clean"][category]
+        points, _, parts = by_variant["clean"][category]
         panels.append(_draw_panel(points.numpy(), parts.numpy(), first, name))
     # The three variants of one chair (index 1 -> category 1).
     chair_first = SYNTHETIC_PART_RANGES[1][0]
-    for variant, dataset in datasets.items():
+    for variant, dataset in by_variant.items():
         points, _, parts = dataset[1]
         panels.append(_draw_panel(points.numpy(), parts.numpy(), chair_first, f"chair, {variant}"))
 
     # Timing: samples per second of the generator alone, one process.
-    for variant, dataset in datasets.items():
+    for variant, dataset in by_variant.items():
         start = time.perf_counter()
         for index in range(200):
             dataset[index]
         elapsed = time.perf_counter() - start
         print(f"timing {variant:10s}: {200 / elapsed:7.0f} samples/s ({1000 * elapsed / 200:.2f} ms per sample "
               f"of {args.num_points} points)")
-    augmented = scale_and_translate(torch.stack([datasets["clean"][index][0] for index in range(4)]))
-    print(f"scale_and_translate: {tuple(augmented.shape)} -> {tuple(augmented.shape)}")
 
     # Grid: 4 columns; 3 rows of categories, then one row with the three variants of a chair.
     columns, size = 4, panels[0].size[0]
