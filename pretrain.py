@@ -35,7 +35,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import data
+import datasets
+import linear_probe
+import synthetic
 from kat import KATransformer
 from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
 from render import MultiViewRenderer, pixels_to_patches
@@ -48,7 +50,7 @@ class Config:
     """KR-MAE pre-training (python pretrain.py --help lists every flag with its source)."""
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "auto"              # "auto" (ShapeNet55 if data_root exists, else synthetic), "shapenet55", "synthetic"
-    data_root: str = "data/ShapeNet55-34"  # Point-BERT's layout, see data.py
+    data_root: str = "data/ShapeNet55-34"  # Point-BERT's layout, see datasets.py
     num_points: int = 1024          # paper "Pre-training Setup": 1,024 points per object
     synthetic_size: int = 4096      # shapes per epoch when training on the built-in synthetic shapes
     # --- 3-D tokens (Eq. 3) -----------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ class Config:
     min_lr: float = 1e-6            # Point-MAE: cosine floor 1e-6
     weight_decay: float = 0.05      # Point-MAE: 0.05
     warmup_epochs: int = 10         # Point-MAE: 10
-    grad_clip: float = 10.0         # Point-MAE: gradient norm clip 10
+    grad_clip: float = 0.0          # gradient norm clip, 0: none (Point-MAE clips only when fine-tuning, at 10)
     # --- run --------------------------------------------------------------------------------------------------
     out_dir: str = "runs/pretrain"
     resume: str = ""                # path of a checkpoint to continue from
@@ -92,7 +94,7 @@ class Config:
     compile: bool = False           # torch.compile the encoder and decoder
     num_workers: int = 4            # DataLoader workers
     picture_every: int = 10         # write a reconstruction PNG every this many epochs (0: never)
-    svm_every: int = 0              # linear-SVM accuracy on synthetic shapes every this many epochs (0: never)
+    svm_every: int = 0              # linear probes (linear_probe.py) on synthetic shapes every N epochs (0: never)
     progress: bool = True           # tqdm progress bar
     preset: str = ""                # "tiny": a model and data small enough for a CPU smoke run in about a minute
 
@@ -192,7 +194,7 @@ class KRMAE(nn.Module):
             raise ValueError(f"--masking must be 'reinforced' or 'random', got {cfg.masking!r}.")
         # Eq. (15): the Standard Transformer decoder and the reconstruction head, as Point-MAE.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos = CenterEmbedding(dim=dim)
+        self.decoder_pos = CenterEmbedding(dim=dim, trunc_normal=False)  # Point-MAE: default init there
         self.decoder = KATransformer(dim=dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
                                      drop_path_rate=cfg.drop_path)
         self.reconstruction_head = nn.Linear(dim, 3 * cfg.group_size)
@@ -405,12 +407,25 @@ def reconstruction_picture(model, points, path):
 def build_dataset(cfg):
     """ShapeNet55 when it is on disk (or asked for), else the built-in synthetic shapes, announced loudly."""
     if cfg.data == "shapenet55" or (cfg.data == "auto" and os.path.isdir(cfg.data_root)):
-        return data.ShapeNet55(cfg.data_root, split="train", num_points=cfg.num_points)
+        return datasets.ShapeNet55(cfg.data_root, split="train", num_points=cfg.num_points)
     if cfg.data not in ("auto", "synthetic"):
         raise ValueError(f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}.")
     print("=" * 100 + f"\nNo ShapeNet55 at {cfg.data_root!r}: pre-training on the BUILT-IN SYNTHETIC SHAPES "
           f"({cfg.synthetic_size} per epoch). Pass --data_root for real data.\n" + "=" * 100)
-    return data.SyntheticShapes(split="train", num_points=cfg.num_points, size=cfg.synthetic_size, seed=cfg.seed)
+    return synthetic.SyntheticShapes(split="train", num_points=cfg.num_points, size=cfg.synthetic_size, seed=cfg.seed)
+
+
+def synthetic_probes(model, cfg, device, use_bf16, train_size=512, test_size=256):
+    """A progress signal during pre-training: the linear probes of linear_probe.py (cross-validated SVM, literature
+    SVM, 1-NN) on the frozen 3-D features of fixed clean synthetic shapes (512 train / 256 test, seeded by
+    cfg.seed). The model's train/eval mode is restored afterwards (extract_features does it)."""
+    train, test = (synthetic.SyntheticShapes(split, cfg.num_points, size=size, seed=cfg.seed)
+                   for split, size in (("train", train_size), ("test", test_size)))
+    features = linear_probe.features_for_probes(model, train, test, min(cfg.batch_size, 128), device, use_bf16)
+    probes = linear_probe.probe_all(*features, seed=cfg.seed)
+    return {"svm_accuracy": probes["cross_validated"]["test_accuracy"], "svm_C": probes["cross_validated"]["C"],
+            "literature_svm_accuracy": probes["literature"]["test_accuracy"],
+            "nearest_neighbour_accuracy": probes["nearest_neighbour"]}
 
 
 def main(cfg):
@@ -472,7 +487,7 @@ def main(cfg):
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            points = data.scale_and_translate(batch[0].to(device, non_blocking=True))  # (B, N, 3)
+            points = datasets.scale_and_translate(batch[0].to(device, non_blocking=True))  # (B, N, 3)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(points)
             values = {name: out[name].item() for name in sums}  # one host sync per step, for the bar and the check
@@ -482,9 +497,11 @@ def main(cfg):
                     f"weights. The last good checkpoint {checkpoint_path!r} is untouched: resume from it with a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not updated.")
+            if cfg.grad_clip > 0:  # off by default: Point-MAE's pre-training does not clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not "
+                                             f"updated.")
             optimizer.step()
             for name in sums:
                 sums[name] += values[name]
@@ -495,10 +512,9 @@ def main(cfg):
         record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
                   **{name: value / steps_per_epoch for name, value in sums.items()},
                   "seconds": round(time.time() - started, 2)}
-        snapshot = rng_state()  # the SVM and the picture below must not change the training's random stream
+        snapshot = rng_state()  # the probes and the picture below must not change the training's random stream
         if cfg.svm_every and (epoch + 1) % cfg.svm_every == 0:
-            import finetune  # the linear-SVM protocol lives with the downstream tasks
-            record["svm_accuracy"] = 100 * finetune.svm_accuracy_synthetic(model, cfg, device)  # in %, as finetune.py
+            record.update(synthetic_probes(model, cfg, device, use_bf16))  # accuracies in %, as finetune.py
         if cfg.picture_every and ((epoch + 1) % cfg.picture_every == 0 or epoch + 1 == cfg.epochs):
             reconstruction_picture(model, picture_points, os.path.join(cfg.out_dir, f"reconstruction_{epoch:03d}.png"))
         set_rng_state(snapshot)

@@ -88,6 +88,16 @@ def group_points(points, num_groups, group_size, start_index=None):
 
 
 # ---------------------------------------------------------------- 3-D path: embeddings (Eq. 3)
+def trunc_normal_init(module):
+    """Point-MAE's initialisation of the encoder side: truncated normal std 0.02 for every Linear and Conv1d
+    weight, zero biases (BatchNorm keeps 1 / 0). Twin of kat.init_weights, which covers Linear and LayerNorm."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d)):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class MiniPointNet(nn.Module):
     """The lightweight PointNet of Eq. (3), with Point-MAE's sizes: one D-wide token per neighbourhood."""
 
@@ -99,6 +109,7 @@ class MiniPointNet(nn.Module):
         # Point-MAE: Conv1d 512->512, BN, ReLU, Conv1d 512->D on [global, local] features.
         self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
                                          nn.Conv1d(512, dim, 1))
+        trunc_normal_init(self)  # Point-MAE: the mini-PointNet is part of the encoder it initialises
 
     def forward(self, neighborhoods):
         batch_size, num_groups, group_size, _ = neighborhoods.shape
@@ -114,11 +125,16 @@ class MiniPointNet(nn.Module):
 
 
 class CenterEmbedding(nn.Module):
-    """Positional embedding of the group centres (Point-MAE): Linear(3, 128) -> GELU -> Linear(128, D)."""
+    """Positional embedding of the group centres (Point-MAE): Linear(3, 128) -> GELU -> Linear(128, D).
 
-    def __init__(self, dim=384, hidden_dim=128):
+    trunc_normal=True: Point-MAE's encoder-side initialisation (its encoder `pos_embed`); False keeps PyTorch's
+    default, as Point-MAE's `decoder_pos_embed`, which no init call reaches."""
+
+    def __init__(self, dim=384, hidden_dim=128, trunc_normal=True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(3, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+        if trunc_normal:
+            trunc_normal_init(self)
 
     def forward(self, centers):
         return self.mlp(centers)  # (B, G, D)

@@ -1,11 +1,13 @@
 """Tests for masking.py: Eq. (7) probabilities and visible/masked split, the Gumbel-top-k sampler against exact
 sequential sampling without replacement, Eq. (8) gradients, random masking and Part and Masking Alignment."""
 import itertools
+import math
 
 import pytest
 import torch
 
 import masking
+from masking import ReinforcedMasking, reinforce_loss
 
 
 def test_num_visible_follows_point_mae_rounding():
@@ -186,3 +188,55 @@ def test_align_patches_matches_a_loop_on_random_input():
     for b, view, j in itertools.product(range(2), range(3), range(6)):
         token = visible_index[b, j]
         assert torch.equal(aligned[b, view, j], tokens_2d[b, view, patch_index[b, view, token]])
+
+
+def _train_policy_on_hard_tokens(learning_rate, steps=60):
+    """Train ReinforcedMasking by L_S alone on shapes where 4 of 16 tokens (at random positions, marked by a
+    feature) are always 10x harder to reconstruct. Returns the probability mass on the hard tokens and the
+    policy's entropy, before and after training, on held-out shapes."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    policy = ReinforcedMasking(dim=16, num_heads=2, mask_ratio=0.5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
+
+    def batch(size):
+        hard = torch.rand(size, 16, generator=generator).argsort(dim=1)[:, :4]  # (B, 4) hard token positions
+        is_hard = torch.zeros(size, 16).scatter_(1, hard, 1.0)  # (B, G)
+        tokens = torch.randn(size, 16, 16, generator=generator) * 0.1  # (B, G, D)
+        tokens[..., 0] += 2.0 * is_hard  # the feature that tells hard tokens apart
+        errors = 0.1 + 0.9 * is_hard  # (B, G): per-token reconstruction error L_R^i
+        return tokens, is_hard, errors
+
+    def measure():
+        tokens, is_hard, _ = batch(64)
+        with torch.no_grad():
+            _, _, log_probs = policy(tokens)
+        probs = log_probs.exp()  # (B, G)
+        entropy = -(probs * log_probs).sum(dim=1).mean().item()
+        return (probs * is_hard).sum(dim=1).mean().item(), entropy
+
+    before = measure()
+    for _ in range(steps):
+        tokens, _, errors = batch(32)
+        _, masked_index, log_probs = policy(tokens)
+        loss = reinforce_loss(log_probs, masked_index, errors.gather(1, masked_index))  # Eq. (8)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, measure()
+
+
+def _policy_learned(before, after):
+    """The policy moved towards making the hard tokens visible and became more certain."""
+    (hard_before, entropy_before), (hard_after, entropy_after) = before, after
+    return hard_after > hard_before + 0.2 and entropy_after < entropy_before - 0.1
+
+
+def test_training_the_policy_makes_consistently_hard_tokens_visible():
+    before, after = _train_policy_on_hard_tokens(learning_rate=1e-2)
+    # The initial policy is uniform: the 4 hard tokens of 16 hold a quarter of the mass, entropy log(16).
+    assert before[0] == pytest.approx(0.25, abs=1e-6) and before[1] == pytest.approx(math.log(16), abs=1e-5)
+    assert _policy_learned(before, after), (before, after)
+    # The same check fails for a policy whose parameters do not move (learning rate 0): it can fail.
+    frozen_before, frozen_after = _train_policy_on_hard_tokens(learning_rate=0.0)
+    assert frozen_after == pytest.approx(frozen_before) and not _policy_learned(frozen_before, frozen_after)

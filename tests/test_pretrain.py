@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import linear_probe
 import pretrain
 from pretrain import Config, KRMAE, chamfer_distance, parse_config
 
@@ -52,8 +53,11 @@ def test_tiny_run_writes_checkpoint_log_picture_and_loss_goes_down(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [record["epoch"] for record in records] == [0, 1, 2, 3]
     assert records[-1]["loss_rec"] < records[0]["loss_rec"]
-    assert all(record["loss_policy"] != 0 for record in records)  # reinforced masking trains its policy
-    assert "svm_accuracy" not in records[2] and 0 <= records[3]["svm_accuracy"] <= 100
+    # The probes run only on the epochs --svm_every names; their record carries every probe's accuracy and the C
+    # that cross-validation chose from the grid (the probes themselves are tested in test_linear_probe.py).
+    assert "svm_accuracy" not in records[2]
+    assert {"svm_accuracy", "svm_C", "literature_svm_accuracy", "nearest_neighbour_accuracy"} <= set(records[3])
+    assert records[3]["svm_C"] in linear_probe.C_GRID
     assert (tmp_path / "last.pth").is_file() and not (tmp_path / "last.pth.tmp").exists()
     assert (tmp_path / "reconstruction_003.png").is_file()
 
@@ -159,3 +163,21 @@ def test_reconstruction_loss_trains_the_view_selector(tmp_path):
     model(torch.randn(8, cfg.num_points, 3))["loss_rec"].backward()
     selector_gradient = sum(p.grad.norm() ** 2 for p in model.selector.parameters()) ** 0.5
     assert selector_gradient > 1e-6
+
+
+def test_point_mae_initialisation_and_no_clipping_by_default(tmp_path):
+    # Point-MAE: truncated normal std 0.02 and zero biases for every Linear / Conv1d of the encoder side, the
+    # mini-PointNet and the encoder's centre MLP included; the decoder's centre MLP keeps PyTorch's default.
+    torch.manual_seed(0)
+    model = KRMAE(tiny(tmp_path))
+    encoder_side = [layer for part in (model.tokenizer_3d, model.encoder_pos, model.encoder)
+                    for layer in part.modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d))]
+    weights = torch.cat([layer.weight.flatten() for layer in encoder_side])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.05)  # PyTorch's default: std 0.33 for Conv1d 3->128
+    assert all(torch.count_nonzero(layer.bias) == 0 for layer in encoder_side if layer.bias is not None)
+    first_conv = model.tokenizer_3d.group_encoder.first_conv[0]
+    assert first_conv.weight.abs().max().item() < 0.1  # PyTorch's default draws up to 1/sqrt(3) here
+    decoder_linear = model.decoder_pos.mlp[0]
+    assert torch.count_nonzero(decoder_linear.bias) == decoder_linear.bias.numel()  # default init: uniform biases
+    # Point-MAE's pre-training does not clip gradients (it clips at 10 only when fine-tuning).
+    assert Config().grad_clip == 0.0
