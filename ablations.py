@@ -116,15 +116,15 @@ def chain(name, seed, out):
         command = [sys.executable, "pretrain.py", *PRETRAIN_COMMON, *flags, "--seed", str(seed), "--out_dir", run_dir]
         result["pretrain_command"] = " ".join(command[1:])
         records = finished_pretraining(run_dir)
-        if records is None:
-            run(command, os.path.join(run_dir, "pretrain.out"))
+        if records is None:  # a fresh start replaces an unfinished run's files (--overwrite)
+            run(command + ["--overwrite"], os.path.join(run_dir, "pretrain.out"))
             records = finished_pretraining(run_dir)
         result["pretrain_seconds"] = round(sum(record["seconds"] for record in records), 1)
         result["pretrain_loss_rec"] = records[-1]["loss_rec"]
         checkpoint = os.path.join(run_dir, "last.pth")
     if downstream:
         for measure, base in (("probes", PROBE_COMMAND), ("finetune", FINETUNE_COMMAND)):
-            command = [sys.executable, "finetune.py", *base, "--seed", str(seed), "--out_dir",
+            command = [sys.executable, "finetune.py", *base, "--seed", str(seed), "--overwrite", "--out_dir",
                        os.path.join(run_dir, measure)] + (["--checkpoint", checkpoint] if checkpoint else [])
             result[f"{measure}_seconds"] = run(command, os.path.join(run_dir, f"{measure}.out"))
             label = "svm_synthetic" if measure == "probes" else "scan_objectnn_pb_t50_rs_synthetic"

@@ -9,13 +9,16 @@ Measured on the device it runs on (CPU or CUDA), in one process, after warm-up, 
 
 Run:  python bench.py                       (paper sizes: batch 128, 1024 points, ViT-B/16-sized tower, 10 views)
       python bench.py --preset tiny         (the CPU smoke preset of pretrain.py)
-      python bench.py --batch_size 16 --out bench_cpu.json
+      python bench.py --batch_size 16 --out runs/bench/bench_cpu.json
 The CLIP weights are not needed: a randomly initialised tower of the same size costs the same time.
-Prints a table and writes JSON.
+Prints a table and writes strict JSON (a value that does not exist, such as peak GPU memory on the CPU, is null)
+to runs/bench/bench.json by default.
 """
 import argparse
 import dataclasses
 import json
+import math
+import os
 import statistics
 import time
 
@@ -151,17 +154,37 @@ def operations(cfg, device, repeats):
     return results
 
 
-def main(argv=None):
+def write_json(result, path):
+    """Write `result` as strict JSON (RFC 8259 has no NaN: NaN and inf become null), creating the folder."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        return value
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(strict(result), handle, indent=2, allow_nan=False)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="KR-MAE speed benchmark")
     parser.add_argument("--preset", default="", help="a pretrain.py preset, e.g. tiny; default: the paper's sizes")
     parser.add_argument("--batch_size", type=int, default=0, help="override the batch size (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    parser.add_argument("--out", default="bench.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="runs/bench/bench.json", help="the JSON result (runs/ is not versioned)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     cfg = pretrain.parse_config(Config, ["--preset", args.preset] if args.preset else [])
     cfg = dataclasses.replace(cfg, clip_random_tower=cfg.clip_random_tower or "768,12,12",  # ViT-B/16's size
@@ -196,8 +219,7 @@ def main(argv=None):
     print(f"\n{'operation':34s} {'seconds':>9s} {'per second':>12s}")
     for operation, row in result["operations"].items():
         print(f"{operation:34s} {row['seconds']:9.4f} {row['per_second']:12.1f}")
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_json(result, args.out)
     print(f"\nwrote {args.out}")
     return result
 

@@ -115,7 +115,10 @@ def _read_text_table(path, expected_columns):
         values = np.array(text.replace(",", " ").split(), dtype=np.float32)  # (M * C,)
     except ValueError as error:
         raise ValueError(f"{path} contains text that is not a number ({error}).") from None
-    if num_columns == 0 or values.size % num_columns != 0:
+    if num_columns == 0:
+        raise ValueError(f"{path} is empty: expected lines of {expected_columns} numbers (one point per line), "
+                         f"found no points.")
+    if values.size % num_columns != 0:
         raise ValueError(
             f"{path}: expected {expected_columns} numbers on every line, found lines of different lengths.")
     table = values.reshape(-1, num_columns)  # (M, C)
@@ -313,8 +316,16 @@ class ShapeNet55(Dataset):
                                     f"Expected layout: {SHAPENET55_LAYOUT}")
         try:
             stored = np.load(path, allow_pickle=False)  # (M, 3), M = 8192
-        except (ValueError, OSError) as error:
-            raise ValueError(f"{path} could not be read as a .npy array ({error}).") from None
+        except (ValueError, OSError, EOFError) as error:
+            # numpy's own messages mislead here: "No data left in file" for an empty file, and for a text file a
+            # hint to pass allow_pickle=True (never do: a pickle can run code). Say what the file is instead.
+            with open(path, "rb") as handle:
+                signature = handle.read(6)
+            found = ("an empty file" if not signature else
+                     "a file without the .npy signature (a text file or another format?)" if signature != b"\x93NUMPY"
+                     else f"a .npy file numpy could not read as a numeric array ({error})")
+            raise ValueError(f"{path} could not be read: expected a .npy file holding a float array of shape (M, 3) "
+                             f"(written by numpy.save), found {found}.") from None
         _check_points(stored, path, 3, min_rows=self.num_points)
         # Point-BERT / Point-MAE: a random subset first, normalisation second.
         subset = torch.randperm(stored.shape[0])[:self.num_points].numpy()  # (N,)
@@ -569,6 +580,10 @@ SCANOBJECTNN_FILES = {
     "pb_t50_rs": ("main_split", "training_objectdataset_augmentedrot_scale75.h5",
                   "test_objectdataset_augmentedrot_scale75.h5"),
 }
+SCANOBJECTNN_LAYOUT = ("ROOT/main_split/ and ROOT/main_split_nobg/ (or ROOT/h5_files/main_split/ ...), holding "
+                      "training_objectdataset.h5, test_objectdataset.h5 and, in main_split/, the "
+                      "*_augmentedrot_scale75.h5 files of PB-T50-RS; each an HDF5 file with keys 'data' (S, 2048, 3) "
+                      "and 'label' (S,).")
 # ScanObjectNN's label order (its shape_names.txt).
 SCANOBJECTNN_CATEGORIES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
                            "bed", "pillow", "sink", "sofa", "toilet")
@@ -597,8 +612,14 @@ class ScanObjectNN(Dataset):
         self.path = next((path for path in candidates if path.is_file()), candidates[0])
         if not self.path.is_file():
             raise FileNotFoundError(f"ScanObjectNN file '{candidates[0]}' does not exist (variant '{variant}', "
-                                    f"split '{split}'); download ScanObjectNN and pass the folder holding {folder}/.")
-        with h5py.File(self.path, "r") as handle:
+                                    f"split '{split}'); download ScanObjectNN and pass the folder holding {folder}/. "
+                                    f"Expected layout: {SCANOBJECTNN_LAYOUT}")
+        try:
+            handle = h5py.File(self.path, "r")
+        except OSError as error:  # h5py's message ("file signature not found") names neither the file nor the format
+            raise ValueError(f"{self.path} could not be opened as an HDF5 file ({error}); expected an HDF5 file with "
+                             f"keys 'data' (S, 2048, 3) and 'label' (S,), as ScanObjectNN ships.") from None
+        with handle:
             if "data" not in handle or "label" not in handle:
                 raise ValueError(f"{self.path}: expected HDF5 keys 'data' and 'label', found {sorted(handle)}.")
             self.points = np.asarray(handle["data"][:], dtype=np.float32)  # (S, 2048, 3)

@@ -30,8 +30,10 @@ Run:  python finetune.py --task scan_objectnn --variant obj_bg --checkpoint runs
       python finetune.py --task fewshot --way 5 --shot 10 --folds all --checkpoint runs/pretrain/last.pth
       python finetune.py --task partseg --preset tiny --data synthetic --epochs 2     (a CPU smoke run)
 Every hyperparameter is a field of `Config` and a flag; `--seeds 0,1,2` repeats a run and reports mean +- std;
-`--resume` continues every run of the command from its last.pth. Output: <out_dir>/<task label>/summary.json and,
-per run, <task label>/seed<s>[_fold<f>]/ with last.pth and log.jsonl (one JSON line per epoch, metrics in %).
+`--resume` continues every run of the command from its last.pth (refused if it was started with other settings);
+without it, a run folder holding a last.pth is refused unless `--overwrite` is given. Output:
+<out_dir>/<task label>/summary.json and, per run, <task label>/seed<s>[_fold<f>]/ with last.pth and log.jsonl (one
+JSON line per epoch, metrics in %).
 """
 import argparse
 import dataclasses
@@ -102,6 +104,7 @@ class Config:
     # --- run ----------------------------------------------------------------------------------------------------
     out_dir: str = "runs/finetune"
     resume: bool = False            # continue every run of this command from its last.pth (finished runs are read back)
+    overwrite: bool = False         # start afresh in run folders that hold an earlier run's last.pth (else refused)
     seed: int = 0
     seeds: str = ""                 # "0,1,2": one run per seed, then mean +- std (overrides --seed)
     device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
@@ -130,6 +133,14 @@ PRESETS = {
 DATA_ROOTS = {"scan_objectnn": "data/ScanObjectNN", "modelnet40": "data/modelnet40_normal_resampled",
               "fewshot": "data/ModelNetFewshot", "svm": "data/modelnet40_normal_resampled",
               "partseg": "data/shapenetcore_partanno_segmentation_benchmark_v0_normal"}
+DATA_LAYOUTS = {"scan_objectnn": datasets.SCANOBJECTNN_LAYOUT, "modelnet40": datasets.MODELNET40_LAYOUT,
+                "fewshot": datasets.FEWSHOT_LAYOUT, "svm": datasets.MODELNET40_LAYOUT,
+                "partseg": datasets.SHAPENETPART_LAYOUT}
+# The settings that define a run: a resumed (or read-back) run must have been started with these same values.
+RUN_SETTINGS = ("checkpoint", "task", "variant", "data", "data_root", "num_points", "num_groups", "group_size",
+                "synthetic_train_size", "synthetic_test_size", "way", "shot", "fold", "queries", "dim", "depth",
+                "num_heads", "drop_path", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
+                "grad_clip", "eval_every", "fewshot_head_classes", "seed")
 
 
 def build_config(argv=None):
@@ -407,7 +418,8 @@ def synthetic_episode(way, shot, fold, num_points, queries=20, pool=1000):
 
 
 def resolve_data(cfg):
-    """'auto' -> 'real' when the task's data folder exists, else 'synthetic', announced loudly."""
+    """'auto' -> 'real' when the task's data folder exists, else 'synthetic', announced loudly. A --data_root given
+    but missing is an error: a mistyped path must not run on the synthetic shapes."""
     root = cfg.data_root or DATA_ROOTS[cfg.task]
     if cfg.data in ("real", "synthetic"):
         return cfg.data
@@ -415,6 +427,10 @@ def resolve_data(cfg):
         raise ValueError(f"--data must be 'auto', 'real' or 'synthetic', got {cfg.data!r}.")
     if os.path.exists(root):
         return "real"
+    if cfg.data_root:
+        raise FileNotFoundError(f"--data_root {cfg.data_root!r} does not exist. Expected layout for --task {cfg.task}: "
+                                f"{DATA_LAYOUTS[cfg.task]} Leave --data_root out (or pass --data synthetic) to run on "
+                                f"the built-in synthetic shapes.")
     print("=" * 100 + f"\nNo data set at {root!r}: running --task {cfg.task} on the BUILT-IN SYNTHETIC SHAPES. "
           f"These numbers say nothing about the paper's tables. Pass --data_root for real data.\n" + "=" * 100)
     return "synthetic"
@@ -568,6 +584,12 @@ def run_finetune(cfg, device, run_dir):
     random.seed(cfg.seed)
     checkpoint_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     name = f"[{task_label(cfg)} seed {cfg.seed}" + (f" fold {cfg.fold}]" if cfg.task == "fewshot" else "]")
+    if os.path.exists(f"{checkpoint_path}.tmp"):
+        os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
+    resuming = cfg.resume and os.path.isfile(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path) if resuming else None
+    if resuming:
+        check_same_run(checkpoint["config"], cfg, checkpoint_path)
 
     # --- data ---------------------------------------------------------------------------------------------------
     sets = build_datasets(cfg)
@@ -584,20 +606,17 @@ def run_finetune(cfg, device, run_dir):
     print(f"{name} {len(sets['train'])} training / {len(sets['test'])} test shapes, {steps_per_epoch} steps/epoch")
 
     # --- model and optimizer --------------------------------------------------------------------------------------
-    resuming = cfg.resume and os.path.isfile(checkpoint_path)
     model = build_model(cfg, sets, load_weights=not resuming).to(device)  # a resumed run reads last.pth below
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch, best, metrics = 0, {}, {}
     if resuming:
-        checkpoint = load_checkpoint(checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         start_epoch, best, metrics = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["last"]
         print(f"{name} resumed from {checkpoint_path} at epoch {start_epoch}")
-    truncate_log(log_path, start_epoch)  # a fresh run (start 0) starts a fresh log
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -624,8 +643,11 @@ def run_finetune(cfg, device, run_dir):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
             loss_value = loss.item()  # one host sync per step, for the check, the bar and the log
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"{name} the loss became {loss_value} at epoch {epoch}, step {step}; the last "
-                                         f"good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr.")
+                advice = (f"the last good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr."
+                          if epoch > start_epoch or resuming else  # this run has written (or resumed) a checkpoint
+                          "no checkpoint of this run was written yet (one is written at the end of every epoch): "
+                          "lower --lr and start again.")
+                raise FloatingPointError(f"{name} the loss became {loss_value} at epoch {epoch}, step {step}; {advice}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # Point-MAE: 10
@@ -659,6 +681,8 @@ def run_finetune(cfg, device, run_dir):
         record["seconds"] = round(time.time() - started, 2)
         print(f"{name} epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
               f"train {record['train_accuracy']:.2f}% | {test_text} | {record['seconds']} s")
+        if epoch == start_epoch:  # as pretrain.py: an earlier run's log is replaced only once this run has an epoch
+            truncate_log(log_path, start_epoch)
         with open(log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -680,6 +704,47 @@ def run_finetune(cfg, device, run_dir):
     return result
 
 
+def check_same_run(saved, cfg, path):
+    """A resumed or read-back run must be the run this command describes; refuse one started with other settings
+    (it would be continued, or reported, under this command's header). Fields a checkpoint lacks are not compared."""
+    differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in RUN_SETTINGS
+                 if name in saved and saved[name] != getattr(cfg, name)]
+    if differing:
+        raise ValueError(f"{path!r} was started with other settings than this command: {'; '.join(differing)}. Pass "
+                         f"its settings to continue it, --overwrite without --resume to start it again, or another "
+                         f"--out_dir.")
+
+
+def check_config(cfg):
+    """Refuse, before any work, every setting that would fail late or quietly do something else than asked.
+    Raises ValueError naming the flag and its value."""
+    checks = [
+        (cfg.task in TASKS, f"--task must be one of {TASKS}, got {cfg.task!r}."),
+        (cfg.task != "scan_objectnn" or cfg.variant in SYNTHETIC_VARIANT,
+         f"--variant must be one of {sorted(SYNTHETIC_VARIANT)}, got {cfg.variant!r}."),
+        (not cfg.vote or cfg.task in ("scan_objectnn", "modelnet40", "fewshot"),
+         f"--vote averages classification logits; it does not apply to --task {cfg.task}."),
+        (not cfg.vote or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got {cfg.vote_passes}."),
+        (not cfg.folds or cfg.task == "fewshot", f"--folds selects few-shot episodes; it does not apply to --task "
+                                                 f"{cfg.task}."),
+        (cfg.eval_every >= 1, f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}."),
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}."),
+        (0 <= cfg.warmup_epochs <= cfg.epochs,
+         f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}."),
+        (cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}."),
+        (1 <= cfg.num_groups <= cfg.num_points,
+         f"--num_groups must be between 1 and --num_points ({cfg.num_points}), got {cfg.num_groups}."),
+        (1 <= cfg.group_size <= cfg.num_points,
+         f"--group_size must be between 1 and --num_points ({cfg.num_points}), got {cfg.group_size}."),
+        (cfg.way >= 1 and cfg.shot >= 1, f"--way and --shot must be at least 1, got {cfg.way} and {cfg.shot}."),
+        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min_lr not negative, got {cfg.lr} and "
+                                         f"{cfg.min_lr}."),
+    ]
+    for passed, message in checks:
+        if not passed:
+            raise ValueError(message)
+
+
 def parse_list(text, name):
     try:
         return [int(value) for value in text.split(",")]
@@ -688,20 +753,22 @@ def parse_list(text, name):
 
 
 def main(cfg):
-    # --- setup: task, data source, device, the runs (seeds x folds) -------------------------------------------
-    if cfg.task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, got {cfg.task!r}.")
-    if cfg.vote and cfg.task not in ("scan_objectnn", "modelnet40", "fewshot"):
-        raise ValueError(f"--vote averages classification logits; it does not apply to --task {cfg.task}.")
-    if cfg.folds and cfg.task != "fewshot":
-        raise ValueError(f"--folds selects few-shot episodes; it does not apply to --task {cfg.task}.")
-    if cfg.eval_every < 1:
-        raise ValueError(f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}.")
+    # --- setup: settings, data source, device, the runs (seeds x folds) ---------------------------------------
+    check_config(cfg)
     cfg = dataclasses.replace(cfg, data=resolve_data(cfg))
     device = select_device(cfg.device)
     seeds = parse_list(cfg.seeds, "seeds") if cfg.seeds else [cfg.seed]
     folds = (list(range(10)) if cfg.folds == "all" else parse_list(cfg.folds, "folds")) if cfg.folds else [cfg.fold]
     label_dir = os.path.join(cfg.out_dir, task_label(cfg))
+    runs = [(seed, fold, os.path.join(label_dir, f"seed{seed}" + (f"_fold{fold}" if cfg.task == "fewshot" else "")))
+            for seed in seeds for fold in folds]
+    taken = [os.path.join(run_dir, "last.pth") for _, _, run_dir in runs
+             if os.path.isfile(os.path.join(run_dir, "last.pth"))]
+    if taken and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"{taken[0]!r} holds an earlier run ({len(taken)} of the {len(runs)} runs of this "
+                              f"command have one); a fresh run would replace its checkpoint and log. Pass --resume to "
+                              f"continue (finished runs are read back), --overwrite to replace them, or another "
+                              f"--out_dir.")
     print(f"task {task_label(cfg)}, data {cfg.data} ({cfg.data_root or DATA_ROOTS[cfg.task]}), device {device}, "
           f"bf16 {cfg.amp and device.type == 'cuda'}, {cfg.num_points} points -> {cfg.num_groups} groups of "
           f"{cfg.group_size}, seeds {seeds}" + (f", folds {folds}" if cfg.task == "fewshot" else "")
@@ -709,12 +776,10 @@ def main(cfg):
 
     # --- every run, then mean +- std over them ------------------------------------------------------------------
     results = []
-    for seed in seeds:
-        for fold in folds:
-            run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
-            run_dir = os.path.join(label_dir, f"seed{seed}" + (f"_fold{fold}" if cfg.task == "fewshot" else ""))
-            os.makedirs(run_dir, exist_ok=True)
-            results.append((run_svm if cfg.task == "svm" else run_finetune)(run_cfg, device, run_dir))
+    for seed, fold, run_dir in runs:
+        os.makedirs(run_dir, exist_ok=True)
+        run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
+        results.append((run_svm if cfg.task == "svm" else run_finetune)(run_cfg, device, run_dir))
     metrics = [key for key in results[0] if key not in ("seed", "fold", "best_epoch")
                and isinstance(results[0][key], float)]
     summary = {"task": task_label(cfg), "runs": results, "num_runs": len(results)}

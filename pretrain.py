@@ -16,7 +16,8 @@ d^E -> dim, rho -> mask_ratio, lambda -> policy_weight, H = W -> image_size.
 
 Run:  python pretrain.py --epochs 300                    (paper configuration, ShapeNet55 if on disk)
       python pretrain.py --preset tiny --epochs 2         (a CPU smoke run on the built-in synthetic shapes)
-      python pretrain.py --resume runs/pretrain/last.pth  (continue exactly where a run stopped)
+      python pretrain.py --resume runs/pretrain/last.pth  (continue exactly where a run stopped, in that folder)
+A fresh run into a folder that holds a last.pth is refused unless --overwrite is given.
 Every hyperparameter is a field of `Config` below and a flag: `--lr=5e-4`, `--no-use_2d`, `--masking random`.
 """
 import argparse
@@ -25,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -38,7 +40,7 @@ from tqdm import tqdm
 import datasets
 import linear_probe
 import synthetic
-from kat import KATransformer
+from kat import FUSIONS, KATransformer
 from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
 from render import MultiViewRenderer, pixels_to_patches
 from rvs import ReliableViewSelector
@@ -87,7 +89,8 @@ class Config:
     grad_clip: float = 0.0          # gradient norm clip, 0: none (Point-MAE clips only when fine-tuning, at 10)
     # --- run --------------------------------------------------------------------------------------------------
     out_dir: str = "runs/pretrain"
-    resume: str = ""                # path of a checkpoint to continue from
+    resume: str = ""                # path of a checkpoint to continue from, in its own folder (unless --out_dir)
+    overwrite: bool = False         # start afresh in an out_dir that holds an earlier run's last.pth (else refused)
     seed: int = 0
     device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
     amp: bool = True                # bf16 autocast on CUDA (ignored on the CPU)
@@ -134,7 +137,10 @@ def parse_config(config_class, argv=None, presets=PRESETS):
     if isinstance(resume, str) and resume:
         # Continue with the run's own settings, so `--resume path` alone is enough; explicit flags still win.
         saved = load_checkpoint(resume)["config"]
-        parser.set_defaults(**{name: value for name, value in saved.items() if name != "resume"})
+        parser.set_defaults(**{name: value for name, value in saved.items() if name not in ("resume", "overwrite")})
+        # The run continues in the checkpoint's folder, not in the out_dir its config recorded: a copied or moved
+        # run folder then never writes into the original. An explicit --out_dir still wins.
+        parser.set_defaults(out_dir=os.path.dirname(resume) or ".")
     return config_class(**vars(parser.parse_args(argv)))
 
 
@@ -309,8 +315,13 @@ def select_device(name):
 
 
 def rng_state():
-    """Every random generator a run draws from, so that a resumed run continues exactly."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator a run draws from, so that a resumed run continues exactly.
+
+    numpy's state (np.random.get_state(): name, 624 uint32 keys, position, has_gauss, cached_gaussian) holds a numpy
+    array, which the safe checkpoint loader refuses; its keys are stored as an int64 tensor instead (exact)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -318,7 +329,10 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    # Back to numpy's uint32 array; a checkpoint written before the tensor format holds that array itself.
+    keys = keys.numpy().astype(np.uint32) if torch.is_tensor(keys) else keys
+    np.random.set_state((name, keys, *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -334,13 +348,31 @@ def save_checkpoint(path, checkpoint):
     os.replace(temporary, path)
 
 
+# The globals of a numpy array, and nothing else, for checkpoints written before rng_state stored numpy's state as a
+# tensor (they hold np.random.get_state()'s array). np.zeros(1).__reduce__()[0] is numpy's array rebuilder
+# (_reconstruct, in numpy.core or numpy._core by version); with the class and dtypes it rebuilds an array from its
+# dtype and raw bytes and calls nothing else, so allowing these keeps the loader safe.
+NUMPY_ARRAY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path):
+    """Read a checkpoint with torch.load's safe loader (weights_only=True): it rebuilds tensors, numbers, strings,
+    lists, tuples and dicts (and, here, numpy arrays) but never calls a function the file names, so a crafted
+    .pth cannot run code. Every checkpoint this project writes holds only those types."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist; pass the path of a .pth file this script wrote.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # the safe loader met something it does not rebuild
+        # torch's own text advises weights_only=False, exactly what must not be done with such a file; keep its reason.
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(" Please use")[0]
+        raise RuntimeError(f"Refused to load {path!r}: it is not a checkpoint this project wrote. It holds more than "
+                           f"tensors, numbers, strings, lists, tuples and dicts ({reason}); such a file may contain "
+                           f"code that runs when it is loaded, so it was not loaded.") from None
     except Exception as error:  # a truncated or foreign file
-        raise RuntimeError(f"Could not read checkpoint {path!r}: {error}") from error
+        raise RuntimeError(f"Could not read checkpoint {path!r} ({type(error).__name__}: {error}); expected a .pth "
+                           f"file this project wrote.") from error
 
 
 def epoch_order(num_samples, seed, epoch):
@@ -408,12 +440,50 @@ def reconstruction_picture(model, points, path):
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
+def check_config(cfg):
+    """Refuse, before any work, every setting that would fail late or quietly do something else than asked (k = 0
+    views fused nothing; k > v used v; --epochs 0 wrote nothing). Raises ValueError naming the flag and its value
+    (FileNotFoundError for a --data_root that does not exist)."""
+    ratio_valid = 0 <= cfg.mask_ratio < 1
+    num_masked = int(cfg.mask_ratio * cfg.num_groups) if ratio_valid else 0  # masking.num_visible's count
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}."),
+        (0 <= cfg.warmup_epochs <= cfg.epochs,
+         f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}."),
+        (cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}."),
+        (1 <= cfg.num_groups <= cfg.num_points,
+         f"--num_groups must be between 1 and --num_points ({cfg.num_points}), got {cfg.num_groups}."),
+        (1 <= cfg.group_size <= cfg.num_points,
+         f"--group_size must be between 1 and --num_points ({cfg.num_points}), got {cfg.group_size}."),
+        (ratio_valid, f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}."),
+        (1 <= num_masked < cfg.num_groups,
+         f"--mask_ratio {cfg.mask_ratio} masks {num_masked} of the {cfg.num_groups} groups (--num_groups); at least "
+         f"one group must be masked and one visible."),
+        (cfg.masking in ("reinforced", "random"), f"--masking must be 'reinforced' or 'random', got {cfg.masking!r}."),
+        (cfg.fusion in FUSIONS, f"--fusion must be one of {FUSIONS}, got {cfg.fusion!r}."),
+        (not cfg.use_2d or 1 <= cfg.num_selected_views <= cfg.num_views,
+         f"--num_selected_views must be between 1 and --num_views ({cfg.num_views}) when the 2-D branch is on (with "
+         f"or without RVS), got {cfg.num_selected_views}."),
+        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min_lr not negative, got {cfg.lr} and "
+                                         f"{cfg.min_lr}."),
+        (cfg.data in ("auto", "shapenet55", "synthetic"),
+         f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}."),
+    ]
+    for passed, message in checks:
+        if not passed:
+            raise ValueError(message)
+    # A data_root other than the default is a request for real data: a mistyped one must not train on the synthetic
+    # shapes instead (the default folder, when absent, falls back to them, announced by build_dataset).
+    if cfg.data == "auto" and cfg.data_root != Config.data_root and not os.path.isdir(cfg.data_root):
+        raise FileNotFoundError(f"--data_root {cfg.data_root!r} does not exist. Expected ShapeNet55 in Point-BERT's "
+                                f"layout: {datasets.SHAPENET55_LAYOUT} Leave --data_root out (or pass --data "
+                                f"synthetic) to pre-train on the built-in synthetic shapes.")
+
+
 def build_dataset(cfg):
     """ShapeNet55 when it is on disk (or asked for), else the built-in synthetic shapes, announced loudly."""
     if cfg.data == "shapenet55" or (cfg.data == "auto" and os.path.isdir(cfg.data_root)):
         return datasets.ShapeNet55(cfg.data_root, split="train", num_points=cfg.num_points)
-    if cfg.data not in ("auto", "synthetic"):
-        raise ValueError(f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}.")
     print("=" * 100 + f"\nNo ShapeNet55 at {cfg.data_root!r}: pre-training on the BUILT-IN SYNTHETIC SHAPES "
           f"({cfg.synthetic_size} per epoch). Pass --data_root for real data.\n" + "=" * 100)
     return synthetic.SyntheticShapes(split="train", num_points=cfg.num_points, size=cfg.synthetic_size, seed=cfg.seed)
@@ -433,15 +503,22 @@ def synthetic_probes(model, cfg, device, use_bf16, train_size=512, test_size=256
 
 
 def main(cfg):
-    # --- setup: device, precision, seeds, output folder ---------------------------------------------------------
+    # --- setup: settings, output folder, device, precision, seeds -------------------------------------------------
+    check_config(cfg)
+    checkpoint_path = os.path.join(cfg.out_dir, "last.pth")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if not cfg.resume and not cfg.overwrite and os.path.isfile(checkpoint_path):
+        raise FileExistsError(f"{cfg.out_dir!r} holds an earlier run ({checkpoint_path!r}); a fresh run would replace "
+                              f"its checkpoint and log. Pass --resume {checkpoint_path} to continue it, --overwrite to "
+                              f"replace it, or another --out_dir.")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if os.path.exists(f"{checkpoint_path}.tmp"):
+        os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
     device = select_device(cfg.device)
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(cfg.out_dir, "last.pth")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
 
     # --- data ---------------------------------------------------------------------------------------------------
     dataset = build_dataset(cfg)
@@ -471,12 +548,9 @@ def main(cfg):
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
-        truncate_log(log_path, start_epoch)
         changed = {name: (value, getattr(cfg, name)) for name, value in checkpoint["config"].items()
-                   if name not in ("resume", "progress") and getattr(cfg, name, None) != value}
+                   if name not in ("resume", "progress", "overwrite") and getattr(cfg, name, None) != value}
         print(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f"; settings changed since: {changed}" if changed else ""))
-    else:
-        truncate_log(log_path, 0)  # a fresh run starts a fresh log
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -496,9 +570,14 @@ def main(cfg):
                 out = model(points)
             values = {name: out[name].item() for name in sums}  # one host sync per step, for the bar and the check
             if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"The loss became {values['loss']} at epoch {epoch}, step {step}; stopping before it reaches the "
-                    f"weights. The last good checkpoint {checkpoint_path!r} is untouched: resume from it with a lower --lr.")
+                if epoch > start_epoch or cfg.resume:  # this run has a checkpoint: this folder's, or the resumed one
+                    last_good = checkpoint_path if epoch > start_epoch else cfg.resume
+                    advice = f"The last good checkpoint {last_good!r} is untouched: resume from it with a lower --lr."
+                else:
+                    advice = ("No checkpoint of this run was written yet (one is written at the end of every epoch): "
+                              "lower --lr and start again.")
+                raise FloatingPointError(f"The loss became {values['loss']} at epoch {epoch}, step {step}; stopping "
+                                         f"before it reaches the weights. {advice}")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.grad_clip > 0:  # off by default: Point-MAE's pre-training does not clip
@@ -523,6 +602,11 @@ def main(cfg):
             reconstruction_picture(model, picture_points, os.path.join(cfg.out_dir, f"reconstruction_{epoch:03d}.png"))
         set_rng_state(snapshot)
         print(json.dumps(record))
+        if epoch == start_epoch:
+            # Only now, with this run's first epoch done, drop the log lines it replaces: an earlier run's whole log
+            # (fresh run, --overwrite) or the lines of the epochs a resumed run redoes (a kill between a log line and
+            # its checkpoint). Until here the earlier run's log and last.pth are untouched.
+            truncate_log(log_path, start_epoch)
         with open(log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         save_checkpoint(checkpoint_path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -532,7 +616,8 @@ def main(cfg):
 
 
 def truncate_log(log_path, start_epoch):
-    """Drop log lines of epochs a resumed run will redo (a run killed between its log line and its checkpoint)."""
+    """Keep only the log lines of epochs before start_epoch: 0 empties the log of an earlier run; a resumed run drops
+    the epochs it redoes (a run killed between its log line and its checkpoint)."""
     if os.path.isfile(log_path):
         with open(log_path) as handle:
             kept = [line for line in handle if line.strip() and json.loads(line)["epoch"] < start_epoch]

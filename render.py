@@ -95,6 +95,15 @@ def pixels_to_patches(pixels: torch.Tensor, image_size: int, patch_size: int = 1
     return (rows // patch_size) * (image_size // patch_size) + cols // patch_size  # (...)
 
 
+def check_finite(points, name):
+    """Raise a ValueError naming the shape and the count of NaN / inf values unless every value is finite.
+    Twin of tokenizer.check_finite (copied so that each stage module stands alone)."""
+    if not torch.isfinite(points).all():  # one host sync on CUDA; the count below only runs on the error path
+        bad = int((~torch.isfinite(points)).sum())
+        raise ValueError(f"Expected finite {name}; found {bad} NaN or infinite values in {name} of shape "
+                         f"{tuple(points.shape)}.")
+
+
 class MultiViewRenderer(nn.Module):
     """Project(P; theta_i) of Eq. (1) for all V views: points (B, N, 3) -> images (B, V, 3, H, W)."""
 
@@ -172,6 +181,9 @@ class MultiViewRenderer(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Eq. (1) for every view: points (B, N, 3) -> images (B, V, 3, H, W) in [0, 1], background 1."""
+        # A NaN or inf would make the bounding box, hence every voxel index, garbage (an unrelated index error or a
+        # silently wrong image). One host sync per call on CUDA, once per batch: accepted at this entry point.
+        check_finite(points, "points")
         with torch.autocast(device_type=points.device.type, enabled=False):  # depth maps stay float32
             grid = self.voxelize(points)  # (B, V, d, g, g)
             B, V = grid.shape[:2]
@@ -204,6 +216,11 @@ class MultiViewRenderer(nn.Module):
           (j + 0.5) * H / map_size - 0.5, whose nearest output pixel is o = floor((j + 0.5) * H / map_size),
           computed in integers as ((2 j + 1) H) // (2 map_size), then clamped to [0, H - 1].
         """
+        # Without this a NaN point or query lands silently on pixel (0, 0) (NaN -> long). One host sync per call on
+        # CUDA for both tensors; check_finite then names the one at fault.
+        if not (torch.isfinite(points).all() & torch.isfinite(query).all()):
+            check_finite(points, "points")
+            check_finite(query, "query")
         with torch.autocast(device_type=points.device.type, enabled=False):
             rows, cols, _ = self.grid_coordinates(self.normalise(points, query))  # 2 x (B, V, M)
         grid_pixels = torch.stack([rows, cols], dim=-1)  # (B, V, M, 2) row from x', col from y'

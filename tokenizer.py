@@ -140,6 +140,15 @@ class CenterEmbedding(nn.Module):
         return self.mlp(centers)  # (B, G, D)
 
 
+def check_finite(points, name):
+    """Raise a ValueError naming the shape and the count of NaN / inf values unless every value is finite.
+    Twin of render.check_finite (copied so that each stage module stands alone)."""
+    if not torch.isfinite(points).all():  # one host sync on CUDA; the count below only runs on the error path
+        bad = int((~torch.isfinite(points)).sum())
+        raise ValueError(f"Expected finite {name}; found {bad} NaN or infinite values in {name} of shape "
+                         f"{tuple(points.shape)}.")
+
+
 class PointTokenizer(nn.Module):
     """Eq. (3) end to end: points (B, N, 3) -> tokens (B, G, D), centers (B, G, 3), neighborhoods (B, G, K, 3)."""
 
@@ -150,12 +159,15 @@ class PointTokenizer(nn.Module):
         self.group_encoder = MiniPointNet(dim)
 
     def forward(self, points, start_index=None):
-        # The entry point of every model (pre-training and fine-tuning): check the input's shape once, here (values
-        # are checked by the readers and by the training loops' non-finite-loss stop, without a device sync).
+        # The entry point of every model (pre-training and fine-tuning): check the input once, here.
         if points.ndim != 3 or points.shape[-1] != 3 or points.shape[1] < max(self.num_groups, self.group_size):
             raise ValueError(f"Expected points of shape (B, N, 3) with N >= {max(self.num_groups, self.group_size)} "
                              f"(num_groups {self.num_groups}, group_size {self.group_size}); found "
                              f"{tuple(points.shape)}.")
+        # One NaN or inf would turn the whole batch's tokens into NaN (FPS and KNN compare distances across the
+        # cloud; BatchNorm mixes the batch) and, in training mode, leave BatchNorm's running statistics NaN for good.
+        # On CUDA this check costs one host sync per call, i.e. per batch: accepted at this entry point.
+        check_finite(points, "points")
         # centers (B, G, 3), neighborhoods (B, G, K, 3)
         centers, neighborhoods = group_points(points, self.num_groups, self.group_size, start_index)
         tokens = self.group_encoder(neighborhoods)  # (B, G, D)  Eq. (3)
@@ -184,10 +196,11 @@ def load_clip_tower(clip_model="ViT-B/16"):
     except Exception as error:
         raise RuntimeError(
             f"Could not load the CLIP model {clip_model!r}: {error}. Without internet access, pass a local path to the "
-            "ViT-B/16 checkpoint (the ViT-B-16.pt file that clip.load downloads into ~/.cache/clip) as clip_model, or "
-            "build a randomly initialised tower with "
-            "random_tower=dict(width=..., layers=..., heads=..., patch_size=16) "
-            "(for tests and quick runs; its features carry no pre-trained knowledge).") from error
+            "ViT-B/16 checkpoint (the ViT-B-16.pt file that clip.load downloads into ~/.cache/clip) with "
+            "--clip_model PATH (clip_model=PATH in Python), or use a randomly initialised tower with "
+            "--clip_random_tower width,layers,heads, e.g. --clip_random_tower 768,12,12 for ViT-B/16's size "
+            "(random_tower=dict(width=768, layers=12, heads=12, patch_size=16) in Python); its features carry no "
+            "pre-trained knowledge (tests and quick runs only).") from error
     return model.visual.float()
 
 

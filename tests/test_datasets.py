@@ -205,6 +205,27 @@ def test_shapenet55_errors_name_the_file_and_layout(tmp_path):
         dataset[2]
 
 
+def test_shapenet55_empty_npy_names_the_file_and_the_expected_array(tmp_path):
+    write_shapenet55(tmp_path)
+    path = tmp_path / "shapenet_pc" / "02691156-aaa.npy"
+    path.write_bytes(b"")  # numpy alone says "No data left in file" (an EOFError)
+    with pytest.raises(ValueError) as error:
+        datasets.ShapeNet55(tmp_path, num_points=64)[0]
+    message = str(error.value)
+    assert str(path) in message and "(M, 3)" in message and ".npy" in message and "empty file" in message
+
+
+def test_shapenet55_text_file_named_npy_names_the_file_without_pickle_advice(tmp_path):
+    write_shapenet55(tmp_path)
+    path = tmp_path / "shapenet_pc" / "02691156-aaa.npy"
+    path.write_text("0.1 0.2 0.3\n0.4 0.5 0.6\n")  # numpy alone advises allow_pickle=True
+    with pytest.raises(ValueError) as error:
+        datasets.ShapeNet55(tmp_path, num_points=64)[0]
+    message = str(error.value)
+    assert str(path) in message and "(M, 3)" in message and "without the .npy signature" in message
+    assert "pickle" not in message
+
+
 # ---------------------------------------------------------------- ModelNet40
 
 def write_modelnet40_txt(root, stored_points=200):
@@ -350,6 +371,18 @@ def test_modelnet40_errors_name_the_file(tmp_path):
         datasets.ModelNet40(root, "test")
 
 
+def test_modelnet40_empty_txt_is_reported_as_empty(tmp_path):
+    root = tmp_path / "modelnet40_normal_resampled"
+    write_modelnet40_txt(root)
+    path = root / "airplane" / "airplane_0001.txt"
+    path.write_text("")
+    with pytest.raises(ValueError) as error:
+        datasets.ModelNet40(root, num_points=2, fps_device="cpu")
+    message = str(error.value)
+    assert str(path) in message and "empty" in message and "no points" in message
+    assert "different lengths" not in message
+
+
 def test_modelnet40_real_fixture(tmp_path):
     source = FIXTURES / "modelnet40_normal_resampled"
     if not source.is_dir():
@@ -445,6 +478,16 @@ def test_scanobjectnn_errors_name_the_file(tmp_path):
         datasets.ScanObjectNN(tmp_path, "obj_bg", "test")
     with pytest.raises(ValueError, match="variant"):
         datasets.ScanObjectNN(tmp_path, "hardest")
+
+
+def test_scanobjectnn_file_that_is_not_hdf5_names_the_file_and_the_keys(tmp_path):
+    path = tmp_path / "main_split" / "test_objectdataset.h5"
+    path.parent.mkdir()
+    path.write_bytes(np.random.default_rng(0).bytes(4096))  # h5py alone: "file signature not found"
+    with pytest.raises(ValueError) as error:
+        datasets.ScanObjectNN(tmp_path, "obj_bg", "test")
+    message = str(error.value)
+    assert str(path) in message and "HDF5" in message and "'data'" in message and "'label'" in message
 
 
 # ---------------------------------------------------------------- ShapeNetPart

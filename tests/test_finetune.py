@@ -306,3 +306,78 @@ def test_real_format_through_finetune(tmp_path, task, writer, folder, expected_t
 def test_missing_real_data_names_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="Expected layout"):
         finetune.main(config(tmp_path, "--task", "partseg", "--data", "real", "--data_root", str(tmp_path / "none")))
+
+
+# ---------------------------------------------------------------- reliability: checkpoints, run folders, settings
+
+# One training step and 4 test shapes: half a second a run.
+FLAGS = ["--task", "modelnet40", "--data", "synthetic", "--synthetic_train_size", "8", "--synthetic_test_size", "4"]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    from test_pretrain import crafted_checkpoint
+
+    path, marker = crafted_checkpoint(tmp_path)
+    with pytest.raises(RuntimeError) as error:
+        finetune.main(config(tmp_path / "runs", *FLAGS, "--checkpoint", path))
+    assert path in str(error.value) and "not a checkpoint this project wrote" in str(error.value)
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_run_started_with_other_settings(tmp_path):
+    path, _ = pretrain_checkpoint(tmp_path, use_2d=False)  # the encoder is all fine-tuning reads
+    first = finetune.main(config(tmp_path, *FLAGS, "--checkpoint", path))
+    # The same command with --resume reads the finished run back.
+    assert finetune.main(config(tmp_path, *FLAGS, "--checkpoint", path, "--resume")) == first
+    # Another --lr and no --checkpoint: that run would be reported under a "from scratch" header.
+    with pytest.raises(ValueError) as error:
+        finetune.main(config(tmp_path, *FLAGS, "--resume", "--lr", "0.001"))
+    message = str(error.value)
+    assert f"--checkpoint {path!r} there, '' here" in message and "--lr 0.0005 there, 0.001 here" in message
+
+
+def test_fresh_run_in_a_used_folder_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    finetune.main(config(tmp_path, *FLAGS))
+    run = tmp_path / "modelnet40_synthetic" / "seed0"
+    before = {name: (run / name).read_bytes() for name in ("log.jsonl", "last.pth")}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        finetune.main(config(tmp_path, *FLAGS, "--lr", "0.001"))
+    # --overwrite, killed during its first epoch: the earlier run is whole; the stale temporary file is gone.
+    (run / "last.pth.tmp").write_bytes(b"half a checkpoint")
+
+    def killed(num_samples, seed, epoch):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(finetune, "epoch_order", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(config(tmp_path, *FLAGS, "--lr", "0.001", "--overwrite"))
+    monkeypatch.undo()
+    assert {name: (run / name).read_bytes() for name in before} == before and not (run / "last.pth.tmp").exists()
+    finetune.main(config(tmp_path, *FLAGS, "--lr", "0.001", "--overwrite"))
+    assert [record["epoch"] for record in read_log(run / "log.jsonl")] == [0]
+    assert pretrain.load_checkpoint(str(run / "last.pth"))["config"]["lr"] == 0.001
+
+
+def test_a_data_root_that_does_not_exist_is_an_error_not_synthetic_data(tmp_path):
+    missing = str(tmp_path / "modelnet40_typo")
+    with pytest.raises(FileNotFoundError) as error:
+        finetune.main(config(tmp_path / "runs", "--task", "modelnet40", "--data_root", missing))
+    assert missing in str(error.value) and "modelnet40_shape_names.txt" in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError) as error:
+        finetune.main(config(tmp_path, *FLAGS))
+    assert "no checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--warmup_epochs", "2"], ["--batch_size", "0"],
+                                   ["--num_groups", "300"], ["--group_size", "300"], ["--variant", "hardest"]])
+def test_bad_settings_are_refused_before_any_work(tmp_path, flags):
+    flag, value = flags
+    with pytest.raises(ValueError, match=f"^{flag} ") as error:
+        finetune.main(config(tmp_path / "runs", "--task", "scan_objectnn", "--data", "synthetic", *flags))
+    assert value in str(error.value)
+    assert not (tmp_path / "runs").exists()

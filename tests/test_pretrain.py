@@ -1,7 +1,10 @@
 """Tests of pretrain.py: Eq. (16), the whole pipeline on the tiny preset, exact resume, checkpoints, flags."""
 import dataclasses
 import json
+import random
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +184,143 @@ def test_point_mae_initialisation_and_no_clipping_by_default(tmp_path):
     assert torch.count_nonzero(decoder_linear.bias) == decoder_linear.bias.numel()  # default init: uniform biases
     # Point-MAE's pre-training does not clip gradients (it clips at 10 only when fine-tuning).
     assert Config().grad_clip == 0.0
+
+
+# ---------------------------------------------------------------- reliability: checkpoints, run folders, settings
+
+def small(tmp_path, **overrides):
+    """Smaller than tiny(): 128 points in 8 groups, 16 shapes, one epoch, no picture, no 2-D branch (its renderer
+    and tower take seconds on the CPU): half a second a run."""
+    values = dict(synthetic_size=16, batch_size=8, epochs=1, picture_every=0, num_points=128, num_groups=8,
+                  use_2d=False)
+    values.update(overrides)
+    return tiny(tmp_path, **values)
+
+
+def read_epochs(path):
+    return [json.loads(line)["epoch"] for line in open(path)]
+
+
+class CodeInPickle:
+    """Unpickling this object creates a marker file: what a crafted .pth could do with os.system instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def crafted_checkpoint(tmp_path):
+    """A .pth that looks like a checkpoint and runs code when unpickled; returns its path and the marker file."""
+    path, marker = tmp_path / "crafted.pth", tmp_path / "code_ran"
+    torch.save({"model": {}, "config": {}, "epoch": 0, "payload": CodeInPickle(marker)}, path)
+    return str(path), marker
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path, marker = crafted_checkpoint(tmp_path)
+    for load in (lambda: pretrain.load_checkpoint(path), lambda: parse_config(Config, ["--resume", path])):
+        with pytest.raises(RuntimeError) as error:
+            load()
+        assert path in str(error.value) and "not a checkpoint this project wrote" in str(error.value)
+        assert "may contain code" in str(error.value)
+    assert not marker.exists()
+
+
+def test_rng_state_needs_only_the_plain_safe_loader_and_restores_every_generator(tmp_path):
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state: it must survive the round trip too
+
+    def draws():
+        return torch.rand(3), np.random.rand(3), np.random.randn(), random.random()
+
+    path = str(tmp_path / "state.pth")
+    pretrain.save_checkpoint(path, {"rng": pretrain.rng_state()})
+    expected = draws()
+    pretrain.set_rng_state(torch.load(path, weights_only=True)["rng"])  # no allow-list needed
+    again = draws()
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2:] == again[2:]
+    # A checkpoint of an earlier version holds numpy's own array: load_checkpoint still reads and restores it.
+    torch.save({"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               path)
+    expected = draws()
+    pretrain.set_rng_state(pretrain.load_checkpoint(path)["rng"])
+    again = draws()
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2:] == again[2:]
+
+
+def test_resume_of_a_copied_run_folder_writes_into_the_copy_only(tmp_path):
+    pretrain.main(small(tmp_path / "original"))
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "original").iterdir()}
+    cfg = parse_config(Config, ["--resume", str(tmp_path / "copy" / "last.pth"), "--epochs", "2"])
+    assert cfg.out_dir == str(tmp_path / "copy")  # the checkpoint's folder, not the one its config recorded
+    pretrain.main(cfg)
+    assert read_epochs(tmp_path / "copy" / "log.jsonl") == [0, 1]
+    assert pretrain.load_checkpoint(str(tmp_path / "copy" / "last.pth"))["epoch"] == 1
+    assert {path.name: path.read_bytes() for path in (tmp_path / "original").iterdir()} == before
+
+
+def test_fresh_run_in_a_used_folder_is_refused_and_overwrite_keeps_the_old_run_until_its_first_epoch(tmp_path,
+                                                                                                    monkeypatch):
+    pretrain.main(small(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in ("log.jsonl", "last.pth")}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pretrain.main(small(tmp_path, seed=1))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    # --overwrite, killed during its first epoch: the earlier run's log and checkpoint are whole; the stale temporary
+    # file of a kill during a checkpoint write is gone.
+    (tmp_path / "last.pth.tmp").write_bytes(b"half a checkpoint")
+
+    def killed(num_samples, seed, epoch):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(pretrain, "epoch_order", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(small(tmp_path, seed=1, overwrite=True))
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / "last.pth.tmp").exists()
+    pretrain.main(small(tmp_path, seed=1, overwrite=True))
+    assert read_epochs(tmp_path / "log.jsonl") == [0] and (tmp_path / "log.jsonl").read_bytes() != before["log.jsonl"]
+
+
+def test_a_data_root_that_does_not_exist_is_an_error_not_synthetic_data(tmp_path):
+    missing = str(tmp_path / "ShapeNet55-typo")
+    with pytest.raises(FileNotFoundError) as error:
+        pretrain.main(small(tmp_path / "run", data_root=missing))
+    assert missing in str(error.value) and "shapenet_pc" in str(error.value)  # the path and the expected layout
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
+    with pytest.raises(FloatingPointError) as error:
+        pretrain.main(small(tmp_path))
+    assert "No checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
+    assert not (tmp_path / "last.pth").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(use_2d=True, use_rvs=False, num_selected_views=0),  # fused no view
+    dict(use_2d=True, use_rvs=False, num_selected_views=7),  # the tiny preset renders 6 views: quietly used 6
+    dict(use_2d=True, num_selected_views=7),
+    dict(epochs=0),  # wrote nothing, said nothing
+    dict(warmup_epochs=2),  # more than the one epoch
+    dict(warmup_epochs=-1),
+    dict(batch_size=0),
+    dict(mask_ratio=1.0),
+    dict(mask_ratio=0.1),  # masks int(0.1 * 8) = 0 of the 8 groups
+    dict(num_groups=200),  # more than the 128 points
+    dict(group_size=200),
+    dict(masking="greedy"),
+    dict(fusion="sum"),
+    dict(data="modelnet"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, overrides):
+    flag, value = list(overrides.items())[-1]
+    with pytest.raises(ValueError, match=f"^--{flag} ") as error:
+        pretrain.main(small(tmp_path / "run", **overrides))
+    assert str(value) in str(error.value)
+    assert not (tmp_path / "run").exists()

@@ -233,3 +233,19 @@ def test_forward_equals_the_pipeline_written_with_plain_3d_operations():
     image = F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
     expected = image.repeat(1, 3, 1, 1).view(2, 4, 3, 64, 64)
     torch.testing.assert_close(renderer(points), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_points_and_queries_are_refused_with_their_count(bad):
+    renderer = MultiViewRenderer(num_views=2, image_size=32, grid_size=32)
+    points, query = random_cloud(batch=2, num_points=64), random_cloud(batch=2, num_points=5, seed=1)
+    broken = points.clone()
+    broken[1, 7, 0] = bad
+    # Before: forward failed with an unrelated index error, project returned pixel (0, 0) silently.
+    for call in (lambda: renderer(broken), lambda: renderer.project(broken, query)):
+        with pytest.raises(ValueError, match=r"found 1 NaN or infinite values in points of shape \(2, 64, 3\)"):
+            call()
+    broken_query = query.clone()
+    broken_query[0, 2, 1] = bad
+    with pytest.raises(ValueError, match=r"found 1 NaN or infinite values in query of shape \(2, 5, 3\)"):
+        renderer.project(points, broken_query)

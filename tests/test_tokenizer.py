@@ -166,6 +166,8 @@ def test_missing_checkpoint_gives_a_clear_error():
         tokenizer.ImagePatchTokenizer(clip_model="/nonexistent/ViT-B-16.pt")
     message = str(error.value)
     assert "/nonexistent/ViT-B-16.pt" in message and "local path" in message and "random_tower" in message
+    # The scripts' flags, not only the Python keywords: the local path, and a random tower of ViT-B/16's size.
+    assert "--clip_model" in message and "--clip_random_tower width,layers,heads" in message and "768,12,12" in message
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 2), (256, 3), (2, 8, 3)])
@@ -173,3 +175,14 @@ def test_point_tokenizer_rejects_bad_input_with_a_clear_message(shape):
     model = tokenizer.PointTokenizer(num_groups=16, group_size=8, dim=32)
     with pytest.raises(ValueError, match=r"Expected points of shape \(B, N, 3\)"):
         model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_point_tokenizer_rejects_non_finite_points_and_keeps_its_batchnorm_statistics(bad):
+    model = tokenizer.PointTokenizer(num_groups=16, group_size=8, dim=32).train()
+    points = random_cloud(batch_size=2, num_points=64)
+    points[1, 5, 2], points[1, 9, 0] = bad, -bad
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with pytest.raises(ValueError, match=r"found 2 NaN or infinite values in points of shape \(2, 64, 3\)"):
+        model(points)  # before: NaN tokens for the whole batch, and NaN running statistics for good
+    assert all(torch.equal(statistics[name], buffer) for name, buffer in model.named_buffers())
