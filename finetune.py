@@ -56,8 +56,8 @@ import linear_probe
 import synthetic
 from kat import KATransformer
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, load_checkpoint,
-                      parameter_groups, parse_config, rng_state, save_checkpoint, select_device, set_rng_state,
-                      truncate_log)
+                      parameter_groups, parse_config, rng_state, save_checkpoint, schedule_and_size_checks,
+                      select_device, set_rng_state, truncate_log)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
@@ -728,18 +728,8 @@ def check_config(cfg):
         (not cfg.folds or cfg.task == "fewshot", f"--folds selects few-shot episodes; it does not apply to --task "
                                                  f"{cfg.task}."),
         (cfg.eval_every >= 1, f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}."),
-        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}."),
-        (0 <= cfg.warmup_epochs <= cfg.epochs,
-         f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}."),
-        (cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}."),
-        (1 <= cfg.num_groups <= cfg.num_points,
-         f"--num_groups must be between 1 and --num_points ({cfg.num_points}), got {cfg.num_groups}."),
-        (1 <= cfg.group_size <= cfg.num_points,
-         f"--group_size must be between 1 and --num_points ({cfg.num_points}), got {cfg.group_size}."),
         (cfg.way >= 1 and cfg.shot >= 1, f"--way and --shot must be at least 1, got {cfg.way} and {cfg.shot}."),
-        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min_lr not negative, got {cfg.lr} and "
-                                         f"{cfg.min_lr}."),
-    ]
+    ] + schedule_and_size_checks(cfg)  # epochs, warm-up, batch, groups vs points, learning rates (pretrain.py)
     for passed, message in checks:
         if not passed:
             raise ValueError(message)

@@ -440,13 +440,10 @@ def reconstruction_picture(model, points, path):
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def check_config(cfg):
-    """Refuse, before any work, every setting that would fail late or quietly do something else than asked (k = 0
-    views fused nothing; k > v used v; --epochs 0 wrote nothing). Raises ValueError naming the flag and its value
-    (FileNotFoundError for a --data_root that does not exist)."""
-    ratio_valid = 0 <= cfg.mask_ratio < 1
-    num_masked = int(cfg.mask_ratio * cfg.num_groups) if ratio_valid else 0  # masking.num_visible's count
-    checks = [
+def schedule_and_size_checks(cfg):
+    """The checks pretrain.py and finetune.py share, as (passed, message) pairs: epochs, warm-up, batch size, the
+    group counts against the points, the learning rates."""
+    return [
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}."),
         (0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}."),
@@ -455,6 +452,18 @@ def check_config(cfg):
          f"--num_groups must be between 1 and --num_points ({cfg.num_points}), got {cfg.num_groups}."),
         (1 <= cfg.group_size <= cfg.num_points,
          f"--group_size must be between 1 and --num_points ({cfg.num_points}), got {cfg.group_size}."),
+        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min_lr not negative, got {cfg.lr} and "
+                                         f"{cfg.min_lr}."),
+    ]
+
+
+def check_config(cfg):
+    """Refuse, before any work, every setting that would fail late or quietly do something else than asked (k = 0
+    views fused nothing; k > v used v; --epochs 0 wrote nothing). Raises ValueError naming the flag and its value
+    (FileNotFoundError for a --data_root that does not exist)."""
+    ratio_valid = 0 <= cfg.mask_ratio < 1
+    num_masked = int(cfg.mask_ratio * cfg.num_groups) if ratio_valid else 0  # masking.num_visible's count
+    checks = schedule_and_size_checks(cfg) + [
         (ratio_valid, f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}."),
         (1 <= num_masked < cfg.num_groups,
          f"--mask_ratio {cfg.mask_ratio} masks {num_masked} of the {cfg.num_groups} groups (--num_groups); at least "
@@ -464,8 +473,6 @@ def check_config(cfg):
         (not cfg.use_2d or 1 <= cfg.num_selected_views <= cfg.num_views,
          f"--num_selected_views must be between 1 and --num_views ({cfg.num_views}) when the 2-D branch is on (with "
          f"or without RVS), got {cfg.num_selected_views}."),
-        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min_lr not negative, got {cfg.lr} and "
-                                         f"{cfg.min_lr}."),
         (cfg.data in ("auto", "shapenet55", "synthetic"),
          f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}."),
     ]

@@ -223,8 +223,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "epoch_order", original_order)
     finetune.main(config(tmp_path / "resumed", *flags, "--resume"))
     run = "scan_objectnn_obj_bg_synthetic/seed0"
-    straight = torch.load(tmp_path / "straight" / run / "last.pth", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / run / "last.pth", weights_only=False)
+    straight = pretrain.load_checkpoint(str(tmp_path / "straight" / run / "last.pth"))
+    resumed = pretrain.load_checkpoint(str(tmp_path / "resumed" / run / "last.pth"))
     assert straight["model"].keys() == resumed["model"].keys()
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
