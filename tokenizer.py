@@ -36,11 +36,14 @@ def gather_points(points, index):
 
 
 @torch.no_grad()
-def farthest_point_sample(points, num_samples, start_index=None):
+def farthest_point_sample(points, num_samples, start_index=None, skip_near_origin=False):
     """Farthest point sampling: (B, N, 3) -> (B, G) long indices; start_index (B,) long, None means point 0.
 
     Each step takes the point farthest from everything chosen so far (ties: lowest index, as argmax does).
     The loop runs over the G samples only; batch and points are vectorised.
+    skip_near_origin=True reproduces the CUDA kernel of Point-MAE's official code (pointnet2_ops), which never
+    picks a point with x^2 + y^2 + z^2 <= 1e-3 after the first one (REFERENCE sec. 7); only for exact parity with
+    checkpoints trained that way. When every point left is that close, it picks point 0 again, as the kernel does.
     """
     batch_size, num_points, _ = points.shape
     if num_samples > num_points:
@@ -56,6 +59,8 @@ def farthest_point_sample(points, num_samples, start_index=None):
         # Squared distance of every point to its nearest selected point so far.
         nearest_distance = torch.full((batch_size, num_points), float("inf"), device=points.device,
                                       dtype=points.dtype)  # (B, N)
+        # The kernel's skipped points never compete: -1 is below every distance, so argmax passes over them.
+        skipped = (points ** 2).sum(-1) <= 1e-3 if skip_near_origin else None  # (B, N) bool
         current = start_index.to(device=points.device, dtype=torch.long)  # (B,)
         for step in range(num_samples):
             selected[:, step] = current
@@ -63,7 +68,8 @@ def farthest_point_sample(points, num_samples, start_index=None):
             distance = ((points - current_point) ** 2).sum(-1)  # (B, N)
             nearest_distance = torch.minimum(nearest_distance, distance)
             # Chosen points have distance 0, so they are never picked again.
-            current = nearest_distance.argmax(dim=-1)  # (B,)
+            candidates = nearest_distance if skipped is None else nearest_distance.masked_fill(skipped, -1.0)
+            current = candidates.argmax(dim=-1)  # (B,)
     return selected
 
 
@@ -77,9 +83,9 @@ def knn_indices(points, centers, k):
         return distance.topk(k, dim=-1, largest=False, sorted=True).indices  # (B, G, K)
 
 
-def group_points(points, num_groups, group_size, start_index=None):
+def group_points(points, num_groups, group_size, start_index=None, skip_near_origin=False):
     """Eq. (3) grouping: (B, N, 3) -> centers (B, G, 3), neighborhoods (B, G, K, 3) relative to their centre."""
-    center_index = farthest_point_sample(points, num_groups, start_index)  # (B, G)
+    center_index = farthest_point_sample(points, num_groups, start_index, skip_near_origin)  # (B, G)
     centers = gather_points(points, center_index)  # (B, G, 3)
     neighbor_index = knn_indices(points, centers, group_size)  # (B, G, K)
     # Relative coordinates, not rescaled (Point-MAE); the first neighbour is the centre itself, at the origin.
@@ -152,10 +158,11 @@ def check_finite(points, name):
 class PointTokenizer(nn.Module):
     """Eq. (3) end to end: points (B, N, 3) -> tokens (B, G, D), centers (B, G, 3), neighborhoods (B, G, K, 3)."""
 
-    def __init__(self, num_groups=64, group_size=32, dim=384):  # Point-MAE: G = 64, K = 32, D = 384
+    def __init__(self, num_groups=64, group_size=32, dim=384, skip_near_origin=False):  # Point-MAE: 64, 32, 384
         super().__init__()
         self.num_groups = num_groups
         self.group_size = group_size
+        self.skip_near_origin = skip_near_origin  # FPS as Point-MAE's CUDA kernel (see farthest_point_sample)
         self.group_encoder = MiniPointNet(dim)
 
     def forward(self, points, start_index=None):
@@ -169,7 +176,8 @@ class PointTokenizer(nn.Module):
         # On CUDA this check costs one host sync per call, i.e. per batch: accepted at this entry point.
         check_finite(points, "points")
         # centers (B, G, 3), neighborhoods (B, G, K, 3)
-        centers, neighborhoods = group_points(points, self.num_groups, self.group_size, start_index)
+        centers, neighborhoods = group_points(points, self.num_groups, self.group_size, start_index,
+                                              self.skip_near_origin)
         tokens = self.group_encoder(neighborhoods)  # (B, G, D)  Eq. (3)
         return tokens, centers, neighborhoods
 
