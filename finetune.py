@@ -29,6 +29,8 @@ Paper symbol -> name: n -> num_groups, p -> group_size, d^E -> dim, n-way m-shot
 Run:  python finetune.py --task scan_objectnn --variant obj_bg --checkpoint runs/pretrain/last.pth
       python finetune.py --task fewshot --way 5 --shot 10 --folds all --checkpoint runs/pretrain/last.pth
       python finetune.py --task partseg --preset tiny --data synthetic --epochs 2     (a CPU smoke run)
+      python finetune.py --task modelnet40 --eval_only --checkpoint modelnet_1k.pth   (test a fine-tuned model)
+--checkpoint also takes Point-MAE's released files (point_mae_checkpoints.py maps their keys).
 Every hyperparameter is a field of `Config` and a flag; `--seeds 0,1,2` repeats a run and reports mean +- std;
 `--resume` continues every run of the command from its last.pth (refused if it was started with other settings);
 without it, a run folder holding a last.pth is refused unless `--overwrite` is given. Output:
@@ -53,6 +55,7 @@ from tqdm import tqdm
 
 import datasets
 import linear_probe
+import point_mae_checkpoints
 import synthetic
 from kat import KATransformer
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, load_checkpoint,
@@ -86,7 +89,10 @@ class Config:
     depth: int = 12                 # Point-MAE: 12
     num_heads: int = 6              # Point-MAE: 6
     drop_path: float = 0.1          # Point-MAE fine-tuning: stochastic depth 0 -> 0.1
-    checkpoint: str = ""            # a pre-training checkpoint (pretrain.py's last.pth); "" trains from scratch
+    checkpoint: str = ""            # pretrain.py's last.pth, a fine-tuned last.pth, or an official Point-MAE file
+                                    # (pretrain.pth, a fine-tuned classifier, part_seg.pth); "": from scratch
+    fps_skip_near_origin: bool = False  # FPS never picks points within 1e-3 (squared) of the origin, as Point-MAE's
+                                        # CUDA kernel: for exact parity with its checkpoints (tokenizer.py)
     # --- optimisation (Point-MAE fine-tuning) -------------------------------------------------------------------
     epochs: int = 300               # Point-MAE: 300 (few-shot: 150)
     batch_size: int = 32            # Point-MAE: 32 (part segmentation: 16)
@@ -112,6 +118,8 @@ class Config:
     num_workers: int = 4            # DataLoader workers
     progress: bool = True           # tqdm progress bar
     preset: str = ""                # "tiny": pretrain.py's tiny model on small data, a CPU smoke run
+    eval_only: bool = False         # test --checkpoint (a fine-tuned model, ours or Point-MAE's) without training,
+                                    # with and without voting: <out_dir>/<task label>_eval/summary.json
 
 
 # Per-task defaults (Point-MAE's fine-tuning configurations) override the dataclass; a preset overrides these;
@@ -140,7 +148,12 @@ DATA_LAYOUTS = {"scan_objectnn": datasets.SCANOBJECTNN_LAYOUT, "modelnet40": dat
 RUN_SETTINGS = ("checkpoint", "task", "variant", "data", "data_root", "num_points", "num_groups", "group_size",
                 "synthetic_train_size", "synthetic_test_size", "way", "shot", "fold", "queries", "dim", "depth",
                 "num_heads", "drop_path", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
-                "grad_clip", "eval_every", "fewshot_head_classes", "seed")
+                "grad_clip", "eval_every", "fewshot_head_classes", "fps_skip_near_origin", "seed")
+# The settings --eval_only compares with those a fine-tuned checkpoint of this project was trained with: the model's
+# shape and the test set it was tested on.
+EVAL_SETTINGS = ("task", "variant", "data", "synthetic_test_size", "num_points", "num_groups", "group_size", "dim",
+                 "depth", "num_heads", "way", "shot", "fold", "queries", "fewshot_head_classes",
+                 "fps_skip_near_origin")
 
 
 def build_config(argv=None):
@@ -161,9 +174,11 @@ def build_config(argv=None):
 class PointEncoder(nn.Module):
     """The 3-D path kept after pre-training, under pretrain.KRMAE's attribute names (its weights load as they are)."""
 
-    def __init__(self, num_groups=64, group_size=32, dim=384, depth=12, num_heads=6, drop_path=0.1):
+    def __init__(self, num_groups=64, group_size=32, dim=384, depth=12, num_heads=6, drop_path=0.1,
+                 skip_near_origin=False):
         super().__init__()
-        self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim)  # Eq. (3)
+        self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim,
+                                           skip_near_origin=skip_near_origin)  # Eq. (3)
         self.encoder_pos = CenterEmbedding(dim=dim)
         self.encoder = KATransformer(dim=dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path)
 
@@ -263,31 +278,57 @@ class PartSegmenter(PointEncoder):
         return self.head(x).transpose(1, 2)  # (B, N, parts)
 
 
-def load_pretrained(model, path, cfg):
-    """Load the 3-D path of a pre-training checkpoint into `model`; refuse one that does not fit."""
-    checkpoint = load_checkpoint(path)
-    state = encoder_state_dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
-    if not state:
-        raise ValueError(f"Checkpoint {path!r} holds no parameter starting with {ENCODER_PREFIXES}; "
-                         f"expected a checkpoint written by pretrain.py.")
+def load_pretrained(model, path, cfg, whole_model=False):
+    """Load a checkpoint into `model`: this project's (pre-training or fine-tuned) or an official Point-MAE file
+    (pre-training, classifier or part segmentation; point_mae_checkpoints.py maps its keys). Its 3-D path must fit.
+    A fine-tuned checkpoint's task head (class token, head, ...) loads too when ALL of it fits this task; otherwise
+    the head starts fresh, and that is said. whole_model=True (--eval_only) requires every tensor of the model.
+    Counts the weights do not show (the number of heads) come from the flags. Returns True when the head loaded."""
+    layout, state, saved = point_mae_checkpoints.project_state(load_checkpoint(path), path)
+    encoder = encoder_state_dict(state)
+    if not encoder:
+        raise ValueError(f"Checkpoint {path!r} ({layout} layout) holds no parameter starting with {ENCODER_PREFIXES}; "
+                         f"expected pretrain.py's or finetune.py's last.pth or an official Point-MAE checkpoint.")
     own = model.state_dict()
-    for name, value in state.items():
+    for name, value in encoder.items():
         if name in own and own[name].shape != value.shape:
-            raise ValueError(f"Checkpoint {path!r} does not fit this model: parameter {name} has shape "
-                             f"{tuple(value.shape)} in the checkpoint but {tuple(own[name].shape)} here. Pass the "
-                             f"pre-training's --dim/--depth/--num_heads (or its --preset).")
-    pretrained_config = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
-    if pretrained_config.get("num_heads", cfg.num_heads) != cfg.num_heads:  # same shapes, different meaning
-        raise ValueError(f"Checkpoint {path!r} was pre-trained with {pretrained_config['num_heads']} heads but this "
-                         f"model has {cfg.num_heads}; pass --num_heads {pretrained_config['num_heads']}.")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: parameter {name} has "
+                             f"shape {tuple(value.shape)} in the checkpoint but {tuple(own[name].shape)} here. Pass "
+                             f"the checkpoint's --dim/--depth/--num_heads (or its --preset).")
+    if saved.get("num_heads", cfg.num_heads) != cfg.num_heads:  # same shapes, different meaning
+        raise ValueError(f"Checkpoint {path!r} was trained with {saved['num_heads']} heads but this model has "
+                         f"{cfg.num_heads}; pass --num_heads {saved['num_heads']}.")
+    # The task head: every tensor of the model outside the 3-D path (cls_token, cls_pos_embed, head.*; part
+    # segmentation: category_embed.*, propagation.*, head.*).
+    head_names = [name for name in own if not name.startswith(ENCODER_PREFIXES)]
+    head_missing = [name for name in head_names if name not in state]
+    head_misfit = [f"{name} {tuple(state[name].shape)} there, {tuple(own[name].shape)} here" for name in head_names
+                   if name in state and state[name].shape != own[name].shape]
+    head_fits = not head_missing and not head_misfit
+    if whole_model and not head_fits:
+        found = (f"tensors of a different shape ({'; '.join(head_misfit[:3])}: fine-tuned for another task or "
+                 f"number of classes?)" if head_misfit else
+                 f"no task head ({len(head_missing)} tensors missing, e.g. {head_missing[:3]}: a pre-training "
+                 f"checkpoint?)")
+        raise ValueError(f"--eval_only needs a model fine-tuned for --task {cfg.task}; checkpoint {path!r} ({layout} "
+                         f"layout) has {found}.")
+    loaded = {**encoder, **({name: state[name] for name in head_names} if head_fits else {})}
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing_encoder = [name for name in missing if name.startswith(ENCODER_PREFIXES)]
     if missing_encoder or unexpected:
-        raise ValueError(f"Checkpoint {path!r} does not fit this model: encoder parameters missing from it "
-                         f"{missing_encoder[:6]} (of {len(missing_encoder)}), unexpected in it {unexpected[:6]} "
-                         f"(of {len(unexpected)}). Was it pre-trained with another --depth?")
-    print(f"loaded {len(state)} pre-trained tensors from {path}; missing keys (the new head, trained from "
-          f"scratch): {missing}; unexpected keys: {unexpected}")
+        raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: encoder parameters missing "
+                         f"from it {missing_encoder[:6]} (of {len(missing_encoder)}), unexpected in it "
+                         f"{unexpected[:6]} (of {len(unexpected)}). Was it trained with another --depth?")
+    if head_fits:
+        head_text = "and the task head it was fine-tuned with"
+    elif len(head_missing) < len(head_names):
+        mismatch = "; ".join((head_misfit or head_missing)[:2])
+        head_text = f"only: its task head does not fit this task ({mismatch}), a new one is trained"
+    else:
+        head_text = f"only; new, trained from scratch: {sorted({name.split('.')[0] for name in missing})}"
+    print(f"loaded {path} ({layout} layout): {len(loaded)} tensors, the 3-D path {head_text}; --num_heads "
+          f"{cfg.num_heads} from the flags")
+    return head_fits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,7 +402,7 @@ def pool_size(num_points, stored):
     return min(stored, math.ceil(num_points * 1200 / 1024))
 
 
-def training_points(points, num_points):
+def training_points(points, num_points, skip_near_origin=False):
     """Point-MAE's per-step resampling of a training batch: all stored points (B, M, 3) -> FPS of pool_size points
     from a random start -> a fresh random num_points of them -> (B, N, 3). Point-MAE shuffles the stored points
     and starts its FPS at index 0, which is a random start; it draws ONE random subset for the whole batch
@@ -370,25 +411,25 @@ def training_points(points, num_points):
     pool = pool_size(num_points, stored)
     if pool < stored:  # FPS of all stored points would only reorder them
         start = torch.randint(stored, (batch_size,), device=points.device)  # (B,) random FPS start
-        points = gather_points(points, farthest_point_sample(points, pool, start))  # (B, pool, 3)
+        points = gather_points(points, farthest_point_sample(points, pool, start, skip_near_origin))  # (B, pool, 3)
     chosen = torch.randperm(pool, device=points.device)[:num_points]  # (N,) one subset for the batch
     return points[:, chosen]  # (B, N, 3)
 
 
-def test_points(points, num_points):
+def test_points(points, num_points, skip_near_origin=False):
     """Point-MAE's test input: FPS of num_points of all stored points from index 0 (for its FPS-ordered 8192-point
     cache, the first num_points). (B, M, 3) -> (B, N, 3); nothing random, every epoch tests the same points."""
     if points.shape[1] == num_points:
         return points
-    return gather_points(points, farthest_point_sample(points, num_points))  # (B, N, 3)
+    return gather_points(points, farthest_point_sample(points, num_points, None, skip_near_origin))  # (B, N, 3)
 
 
-def vote_points(points, num_points, passes, generator):
+def vote_points(points, num_points, passes, generator, skip_near_origin=False):
     """Point-MAE's voting inputs: FPS of pool_size points from index 0, then for each pass a fresh random
     num_points of them and a scale-and-translate. (B, M, 3) -> list of `passes` tensors (B, N, 3)."""
     pool = pool_size(num_points, points.shape[1])
     if pool < points.shape[1]:
-        points = gather_points(points, farthest_point_sample(points, pool))  # (B, pool, 3)
+        points = gather_points(points, farthest_point_sample(points, pool, None, skip_near_origin))  # (B, pool, 3)
     inputs = []
     for _ in range(passes):  # 10 passes, each a whole batch
         chosen = torch.randperm(pool, generator=generator)[:num_points].to(points.device)  # (N,)
@@ -482,6 +523,7 @@ def evaluate(model, loader, sets, device, use_bf16, num_points, vote_passes=0, g
     vote_points passes (Point-MAE's "voting": a fresh random subset of its FPS pool and a scale-and-translate)."""
     model.eval()
     segmentation = "part_ranges" in sets
+    skip = model.tokenizer_3d.skip_near_origin  # the test points are picked by the model's own FPS variant
     outputs, targets, categories = [], [], []
     for batch in loader:
         points = batch[0].to(device)  # (B, M, 3) all stored points (segmentation: N)
@@ -492,11 +534,11 @@ def evaluate(model, loader, sets, device, use_bf16, num_points, vote_passes=0, g
                 targets.append(batch[2])
                 categories.append(batch[1])
             elif vote_passes:
-                passes = [model(inputs).float() for inputs in vote_points(points, num_points, vote_passes, generator)]
+                passes = [model(inputs).float() for inputs in vote_points(points, num_points, vote_passes, generator, skip)]
                 outputs.append(torch.stack(passes).mean(dim=0).cpu())  # (B, classes)
                 targets.append(batch[1])
             else:
-                outputs.append(model(test_points(points, num_points)).float().cpu())  # (B, classes)
+                outputs.append(model(test_points(points, num_points, skip)).float().cpu())  # (B, classes)
                 targets.append(batch[1])
     target = torch.cat(targets)
     if segmentation:
@@ -522,7 +564,7 @@ def task_label(cfg):
 
 def backbone_arguments(cfg):
     return dict(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
-                num_heads=cfg.num_heads, drop_path=cfg.drop_path)
+                num_heads=cfg.num_heads, drop_path=cfg.drop_path, skip_near_origin=cfg.fps_skip_near_origin)
 
 
 def run_svm(cfg, device, run_dir):
@@ -540,7 +582,8 @@ def run_svm(cfg, device, run_dir):
         print("No --checkpoint: the features come from a RANDOMLY INITIALISED encoder (a baseline only).")
     model.to(device)
     features = linear_probe.features_for_probes(model, sets["train"], sets["test"], cfg.batch_size, device, use_bf16,
-                                                cfg.num_workers, prepare=lambda points: test_points(points, cfg.num_points))
+                                                cfg.num_workers, prepare=lambda points: test_points(points, cfg.num_points,
+                                                                                         cfg.fps_skip_near_origin))
     probes = linear_probe.probe_all(*features, shots=cfg.probe_shots, draws=cfg.probe_draws, seed=cfg.seed)
     print(linear_probe.format_probes(probes))
     result = {"seed": cfg.seed, **flatten_probes(probes)}
@@ -561,15 +604,16 @@ def flatten_probes(probes):
             "majority_share": float(probes["majority_share"])}
 
 
-def build_model(cfg, sets, load_weights=True):
+def build_model(cfg, sets, load_weights=True, whole_model=False):
     """The task's model with Point-MAE's initialisation: from a checkpoint, the pre-trained 3-D path is loaded and
-    the new head keeps PyTorch's default init; from scratch, every Linear / Conv1d gets the truncated normal."""
+    a new head keeps PyTorch's default init; from scratch, every Linear / Conv1d gets the truncated normal.
+    whole_model: the checkpoint must hold the whole fine-tuned model (--eval_only)."""
     if cfg.task == "partseg":
         model = PartSegmenter(len(sets["part_ranges"]), sets["num_parts"], **backbone_arguments(cfg))
     else:
         model = Classifier(sets["num_classes"], **backbone_arguments(cfg))
     if cfg.checkpoint and load_weights:
-        load_pretrained(model, cfg.checkpoint, cfg)
+        load_pretrained(model, cfg.checkpoint, cfg, whole_model)
     elif not cfg.checkpoint:
         init_head(model)  # Point-MAE from scratch: truncated normal std 0.02, zero biases
     return model
@@ -635,7 +679,8 @@ def run_finetune(cfg, device, run_dir):
             if segmentation:  # Point-MAE: one scale U[0.8, 1.25] for all axes, then a shift U[-0.1, 0.1] per axis
                 points = datasets.scale_and_shift_isotropic(points)  # (B, N, 3)
             else:  # Point-MAE: FPS pool from a random start, a fresh random num_points, then scale-and-translate
-                points = datasets.scale_and_translate(training_points(points, cfg.num_points))  # (B, N, 3)
+                points = datasets.scale_and_translate(training_points(points, cfg.num_points,
+                                                                                   cfg.fps_skip_near_origin))  # (B, N, 3)
             target = batch[2 if segmentation else 1].to(device)  # (B, N) parts or (B,) labels
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(points, batch[1].to(device)) if segmentation else model(points)  # (B, [N,] classes)
@@ -704,6 +749,39 @@ def run_finetune(cfg, device, run_dir):
     return result
 
 
+def run_eval(cfg, device, run_dir):
+    """--eval_only: test a fine-tuned checkpoint (this project's or Point-MAE's) without training. The test pass is
+    the one a fine-tuning run makes after each epoch (same points, same seeded stream), so a run's checkpoint gives
+    back the metrics that run logged at its last epoch; classification adds Point-MAE's voting, seeded as a run's."""
+    use_bf16 = cfg.amp and device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) and "task" in checkpoint["config"]:  # a fine-tuned run of ours
+        saved = checkpoint["config"]
+        differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in EVAL_SETTINGS
+                     if name in saved and saved[name] != getattr(cfg, name)]
+        if differing:
+            raise ValueError(f"{cfg.checkpoint!r} was fine-tuned with other settings than this command: "
+                             f"{'; '.join(differing)}. Pass its settings to evaluate it.")
+    sets = build_datasets(cfg)
+    model = build_model(cfg, sets, whole_model=True).to(device)
+    test_loader = torch.utils.data.DataLoader(sets["test"], batch_size=cfg.batch_size, shuffle=False,
+                                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    with torch.random.fork_rng(devices=[]):  # as run_finetune's test pass
+        torch.manual_seed(cfg.seed)
+        result = {"seed": cfg.seed, "fold": cfg.fold,
+                  **evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points)}
+    if cfg.task != "partseg":  # Point-MAE's voting, as run_finetune's --vote
+        generator = torch.Generator().manual_seed(cfg.seed)
+        voted = evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.vote_passes, generator)
+        result.update({f"voted_{key}": value for key, value in voted.items()})
+    print(f"[{task_label(cfg)} seed {cfg.seed}] {len(sets['test'])} test shapes: "
+          + " ".join(f"{key} {value:.2f}%" for key, value in result.items() if key not in ("seed", "fold")))
+    with open(os.path.join(run_dir, "eval.json"), "w") as handle:
+        json.dump({**result, "checkpoint": cfg.checkpoint}, handle, indent=1)
+    return result
+
+
 def check_same_run(saved, cfg, path):
     """A resumed or read-back run must be the run this command describes; refuse one started with other settings
     (it would be continued, or reported, under this command's header). Fields a checkpoint lacks are not compared."""
@@ -729,6 +807,11 @@ def check_config(cfg):
                                                  f"{cfg.task}."),
         (cfg.eval_every >= 1, f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}."),
         (cfg.way >= 1 and cfg.shot >= 1, f"--way and --shot must be at least 1, got {cfg.way} and {cfg.shot}."),
+        (not cfg.eval_only or cfg.checkpoint, "--eval_only tests a fine-tuned model: pass it with --checkpoint."),
+        (not cfg.eval_only or cfg.task != "svm", "--eval_only tests a fine-tuned model; --task svm trains none "
+                                                 "(it already only evaluates --checkpoint)."),
+        (not cfg.eval_only or not cfg.resume, "--eval_only trains nothing, so there is nothing to --resume."),
+        (not cfg.eval_only or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got {cfg.vote_passes}."),
     ] + schedule_and_size_checks(cfg)  # epochs, warm-up, batch, groups vs points, learning rates (pretrain.py)
     for passed, message in checks:
         if not passed:
@@ -749,12 +832,12 @@ def main(cfg):
     device = select_device(cfg.device)
     seeds = parse_list(cfg.seeds, "seeds") if cfg.seeds else [cfg.seed]
     folds = (list(range(10)) if cfg.folds == "all" else parse_list(cfg.folds, "folds")) if cfg.folds else [cfg.fold]
-    label_dir = os.path.join(cfg.out_dir, task_label(cfg))
+    label_dir = os.path.join(cfg.out_dir, task_label(cfg) + ("_eval" if cfg.eval_only else ""))
     runs = [(seed, fold, os.path.join(label_dir, f"seed{seed}" + (f"_fold{fold}" if cfg.task == "fewshot" else "")))
             for seed in seeds for fold in folds]
     taken = [os.path.join(run_dir, "last.pth") for _, _, run_dir in runs
              if os.path.isfile(os.path.join(run_dir, "last.pth"))]
-    if taken and not cfg.resume and not cfg.overwrite:
+    if taken and not cfg.resume and not cfg.overwrite and not cfg.eval_only:
         raise FileExistsError(f"{taken[0]!r} holds an earlier run ({len(taken)} of the {len(runs)} runs of this "
                               f"command have one); a fresh run would replace its checkpoint and log. Pass --resume to "
                               f"continue (finished runs are read back), --overwrite to replace them, or another "
@@ -769,10 +852,12 @@ def main(cfg):
     for seed, fold, run_dir in runs:
         os.makedirs(run_dir, exist_ok=True)
         run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
-        results.append((run_svm if cfg.task == "svm" else run_finetune)(run_cfg, device, run_dir))
+        run = run_eval if cfg.eval_only else run_svm if cfg.task == "svm" else run_finetune
+        results.append(run(run_cfg, device, run_dir))
     metrics = [key for key in results[0] if key not in ("seed", "fold", "best_epoch")
                and isinstance(results[0][key], float)]
-    summary = {"task": task_label(cfg), "runs": results, "num_runs": len(results)}
+    summary = {"task": task_label(cfg), "checkpoint": cfg.checkpoint, "eval_only": cfg.eval_only, "runs": results,
+               "num_runs": len(results)}
     for key in metrics:
         values = torch.tensor([result[key] for result in results], dtype=torch.float64)
         # NOTE(unspecified): sample standard deviation (n - 1) over seeds / folds; 0 for a single run.

@@ -17,6 +17,7 @@ d^E -> dim, rho -> mask_ratio, lambda -> policy_weight, H = W -> image_size.
 Run:  python pretrain.py --epochs 300                    (paper configuration, ShapeNet55 if on disk)
       python pretrain.py --preset tiny --epochs 2         (a CPU smoke run on the built-in synthetic shapes)
       python pretrain.py --resume runs/pretrain/last.pth  (continue exactly where a run stopped, in that folder)
+      python pretrain.py --init_from pretrain.pth         (start from Point-MAE's released encoder and decoder)
 A fresh run into a folder that holds a last.pth is refused unless --overwrite is given.
 Every hyperparameter is a field of `Config` below and a flag: `--lr=5e-4`, `--no-use_2d`, `--masking random`.
 """
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 import datasets
 import linear_probe
+import point_mae_checkpoints
 import synthetic
 from kat import FUSIONS, KATransformer
 from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
@@ -58,6 +60,8 @@ class Config:
     # --- 3-D tokens (Eq. 3) -----------------------------------------------------------------------------------
     num_groups: int = 64            # n; Point-MAE: 64
     group_size: int = 32            # p; Point-MAE: 32
+    fps_skip_near_origin: bool = False  # FPS never picks points within 1e-3 (squared) of the origin, as Point-MAE's
+                                        # CUDA kernel: for exact parity with its checkpoints (tokenizer.py)
     # --- 2-D branch (Eq. 1, 2, 4-6) ---------------------------------------------------------------------------
     use_2d: bool = True             # False: no images at all = Point-MAE (Table 4, row A)
     num_views: int = 10             # v; PointCLIP V2's 10 views
@@ -88,6 +92,8 @@ class Config:
     warmup_epochs: int = 10         # Point-MAE: 10
     grad_clip: float = 0.0          # gradient norm clip, 0: none (Point-MAE clips only when fine-tuning, at 10)
     # --- run --------------------------------------------------------------------------------------------------
+    init_from: str = ""             # start from a pre-training checkpoint's 3-D encoder, decoder and reconstruction
+                                    # head: an official Point-MAE pretrain.pth or a last.pth of this script
     out_dir: str = "runs/pretrain"
     resume: str = ""                # path of a checkpoint to continue from, in its own folder (unless --out_dir)
     overwrite: bool = False         # start afresh in an out_dir that holds an earlier run's last.pth (else refused)
@@ -180,7 +186,8 @@ class KRMAE(nn.Module):
         self.cfg = cfg
         dim = cfg.dim
         # Eq. (3): FPS + KNN + mini-PointNet, and the encoder's centre position embedding.
-        self.tokenizer_3d = PointTokenizer(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=dim)
+        self.tokenizer_3d = PointTokenizer(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=dim,
+                                           skip_near_origin=cfg.fps_skip_near_origin)
         self.encoder_pos = CenterEmbedding(dim=dim)
         # Eq. (9)-(14): the KAT encoder; without 2-D tokens it is exactly Point-MAE's encoder.
         self.encoder = KATransformer(dim=dim, depth=cfg.depth, num_heads=cfg.num_heads,
@@ -283,6 +290,42 @@ def encoder_state_dict(model_state):
             if name.startswith(ENCODER_PREFIXES) and ".fusion_mlp." not in name}
 
 
+# What --init_from copies: the parts Point-MAE's pre-training model has (REFERENCE sec. 7).
+POINT_MAE_PREFIXES = ENCODER_PREFIXES + ("mask_token", "decoder_pos.", "decoder.", "reconstruction_head.")
+
+
+def initialise_from(model, path):
+    """--init_from: copy a pre-training checkpoint's 3-D encoder, decoder and reconstruction head into `model` (an
+    official Point-MAE pretrain.pth, whose keys point_mae_checkpoints.py maps, or a last.pth of this script); the
+    parts Point-MAE lacks (2-D branch, view selector, masking policy) keep their fresh initialisation. Every one of
+    those parameters must be in the file with this model's shape; what was loaded is printed and returned."""
+    layout, state, _ = point_mae_checkpoints.project_state(load_checkpoint(path), path)
+    if layout not in (point_mae_checkpoints.PRETRAIN, point_mae_checkpoints.OURS):
+        raise ValueError(f"--init_from {path!r} is a {layout} checkpoint; it needs a pre-training one (Point-MAE's "
+                         f"pretrain.pth or a last.pth of pretrain.py): a fine-tuned model has no decoder.")
+    own = model.state_dict()
+    wanted = [name for name in own if name.startswith(POINT_MAE_PREFIXES) and ".fusion_mlp." not in name]
+    missing = [name for name in wanted if name not in state]
+    misfit = [f"{name} {tuple(state[name].shape)} there, {tuple(own[name].shape)} here" for name in wanted
+              if name in state and state[name].shape != own[name].shape]
+    extra = [name for name in state if name.startswith(POINT_MAE_PREFIXES) and ".fusion_mlp." not in name
+             and name not in own]
+    if missing or misfit or extra:
+        raise ValueError(f"--init_from {path!r} ({layout} layout) does not fit this model: "
+                         + "; ".join(text for text in (
+                             f"missing from it: {missing[:4]} (of {len(missing)})" if missing else "",
+                             f"other shapes: {misfit[:3]} (of {len(misfit)})" if misfit else "",
+                             f"in it but not here: {extra[:4]} (of {len(extra)})" if extra else "") if text)
+                         + ". Pass its --dim/--depth/--decoder_depth/--group_size (Point-MAE's: 384, 12, 4, 32).")
+    model.load_state_dict({name: state[name] for name in wanted}, strict=False)
+    fresh = sorted({name.split(".")[0] for name, parameter in model.named_parameters()
+                    if parameter.requires_grad and name not in wanted})
+    print(f"--init_from {path} ({layout} layout): loaded {len(wanted)} tensors (3-D encoder, decoder, reconstruction "
+          f"head); starting fresh: {fresh or 'nothing'}; attention heads from --num_heads {model.cfg.num_heads}, "
+          f"--decoder_heads {model.cfg.decoder_heads}")
+    return wanted
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optimisation helpers, shared with finetune.py
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,21 +391,27 @@ def save_checkpoint(path, checkpoint):
     os.replace(temporary, path)
 
 
-# The globals of a numpy array, and nothing else, for checkpoints written before rng_state stored numpy's state as a
-# tensor (they hold np.random.get_state()'s array). np.zeros(1).__reduce__()[0] is numpy's array rebuilder
-# (_reconstruct, in numpy.core or numpy._core by version); with the class and dtypes it rebuilds an array from its
-# dtype and raw bytes and calls nothing else, so allowing these keeps the loader safe.
-NUMPY_ARRAY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# The globals of numpy arrays and scalars, and nothing else: checkpoints written before rng_state stored numpy's state
+# as a tensor hold np.random.get_state()'s array, and Point-MAE's part_seg.pth holds numpy scalars (its accuracies).
+# np.zeros(1).__reduce__()[0] is numpy's array rebuilder (_reconstruct) and np.float64(1).__reduce__()[0] its scalar
+# rebuilder (scalar); with the array class and the dtypes they rebuild a value from its dtype and raw bytes and call
+# nothing else, so allowing them keeps the loader safe. Files written with numpy 1.x name them under numpy.core,
+# numpy 2 under numpy._core: both names are allowed.
+_ARRAY, _SCALAR = np.zeros(1).__reduce__()[0], np.float64(1).__reduce__()[0]
+NUMPY_GLOBALS = [_ARRAY, (_ARRAY, "numpy.core.multiarray._reconstruct"), _SCALAR,
+                 (_SCALAR, "numpy.core.multiarray.scalar"), np.ndarray, np.dtype,
+                 *{type(np.dtype(kind)) for kind in (np.uint32, np.int32, np.int64, np.float32, np.float64, np.bool_)}]
 
 
 def load_checkpoint(path):
     """Read a checkpoint with torch.load's safe loader (weights_only=True): it rebuilds tensors, numbers, strings,
-    lists, tuples and dicts (and, here, numpy arrays) but never calls a function the file names, so a crafted
-    .pth cannot run code. Every checkpoint this project writes holds only those types."""
+    lists, tuples and dicts (and, here, numpy arrays and scalars) but never calls a function the file names, so a
+    crafted .pth cannot run code. Every checkpoint this project writes, and Point-MAE's released files, hold only
+    those types."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist; pass the path of a .pth file this script wrote.")
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # the safe loader met something it does not rebuild
         # torch's own text advises weights_only=False, exactly what must not be done with such a file; keep its reason.
@@ -539,6 +588,8 @@ def main(cfg):
     # --- model and optimizer --------------------------------------------------------------------------------------
     model = KRMAE(cfg).to(device)
     print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
+    if cfg.init_from and not cfg.resume:  # a resumed run already holds what it loaded at its start
+        initialise_from(model, cfg.init_from)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     if cfg.compile:
         model.encoder.compile()

@@ -73,8 +73,8 @@ def test_two_epochs_see_different_points_of_the_same_modelnet40_shape(tmp_path, 
     seen = {}  # shape (identified by its stored cloud) -> the points the model read, per call
     original = finetune.training_points
 
-    def recording(points, num_points):
-        chosen = original(points, num_points)
+    def recording(points, num_points, skip_near_origin):
+        chosen = original(points, num_points, skip_near_origin)
         for stored, picked in zip(points, chosen):
             seen.setdefault(tuple(stored[:2].flatten().tolist()), []).append(picked.clone())
         return chosen
