@@ -147,7 +147,10 @@ class KeyPartAttention(nn.Module):
         total = torch.einsum("bsgm,bsmd->bgd", weights, tokens_2d)  # (B, Gv, D)
         return total / weights.sum((1, 3)).clamp_min(1.0).unsqueeze(-1)  # no aligned token -> zeros  (B, Gv, D)
 
-    def forward(self, x, tokens_2d=None, align_mask=None):
+    def forward(self, x, tokens_2d=None, align_mask=None, attn_mask=None):
+        if attn_mask is not None and tokens_2d is not None:
+            raise ValueError("attn_mask (a mask over one joint token sequence) is only supported without tokens_2d, "
+                             "but both were given.")
         projected = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # Eq. (9)  (B, Gv, 3, h, D/h)
         queries, keys, values = projected.permute(2, 0, 3, 1, 4)  # 3 x (B, h, Gv, D/h)
         if tokens_2d is not None and self.fusion == "joint":
@@ -157,7 +160,10 @@ class KeyPartAttention(nn.Module):
             keys_2d, values_2d = self._keys_values_2d(tokens_2d)  # 2 x (B, S, h, M, D/h)
             keys = torch.cat([keys, keys_2d.transpose(1, 2).flatten(2, 3)], dim=2)  # (B, h, Gv+S*M, D/h)
             values = torch.cat([values, values_2d.transpose(1, 2).flatten(2, 3)], dim=2)  # (B, h, Gv+S*M, D/h)
-        attended = F.scaled_dot_product_attention(queries, keys, values)  # Eq. (10)  (B, h, Gv, D/h)
+        # attn_mask (B or 1, 1 or h, Gv, Gv) bool, True = may attend: used by peer methods whose one sequence
+        # holds both modalities (joint_mae.py's local-aligned attention); None is plain self-attention.
+        attended = F.scaled_dot_product_attention(queries, keys, values,
+                                                  attn_mask=attn_mask)  # Eq. (10)  (B, h, Gv, D/h)
         attended = attended.transpose(1, 2).flatten(2)  # (B, Gv, D)
         if tokens_2d is None or self.fusion == "joint":
             return self.proj(attended)  # (B, Gv, D)
@@ -182,12 +188,12 @@ class KATBlock(nn.Module):
         hidden_dim = int(dim * mlp_ratio)  # Point-MAE: ratio 4
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
 
-    def forward(self, x, tokens_2d=None, align_mask=None):
+    def forward(self, x, tokens_2d=None, align_mask=None, attn_mask=None):
         # NOTE(unspecified): the 2-D tokens enter Eq. (11) as given, E_2D^vis W, with no LayerNorm (the pre-LN of
         # Point-MAE normalises only the 3-D stream), and are constant inputs to every block (never updated), since
         # the paper only defines 3-D outputs. A LayerNorm here would undo any scaling of the 2-D tokens, such as
         # the reliability scores by which rvs.py weighs the selected views, and so cut the selector's gradient.
-        x = x + self.drop_path(self.attn(self.norm1(x), tokens_2d, align_mask))  # (B, Gv, D)
+        x = x + self.drop_path(self.attn(self.norm1(x), tokens_2d, align_mask, attn_mask))  # (B, Gv, D)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, Gv, D)
 
 
@@ -215,14 +221,16 @@ class KATransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
 
-    def forward(self, x, pos, tokens_2d=None, align_mask=None, return_hidden=()):
+    def forward(self, x, pos, tokens_2d=None, align_mask=None, return_hidden=(), attn_mask=None):
+        """attn_mask (B, 1, Gv, Gv) bool, True = may attend, applied in every block; only without tokens_2d."""
         wanted = set(return_hidden)
         if any(not 0 <= index < len(self.blocks) for index in wanted):
             raise ValueError(f"return_hidden must hold block indices in [0, {len(self.blocks)}), "
                              f"but got {tuple(return_hidden)}.")
         hidden = {}
         for index, block in enumerate(self.blocks):
-            x = block(x + pos, tokens_2d, align_mask)  # position added at every block input (Point-MAE)  (B, Gv, D)
+            # position added at every block input (Point-MAE)
+            x = block(x + pos, tokens_2d, align_mask, attn_mask)  # (B, Gv, D)
             if index in wanted:
                 hidden[index] = x
         if not return_hidden:

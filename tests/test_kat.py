@@ -260,3 +260,42 @@ def test_point_mae_initialisation():
     assert abs(linear_weights.std().item() - 0.02) < 0.003
     assert all(torch.all(m.bias == 0) for m in encoder.modules() if isinstance(m, nn.Linear) and m.bias is not None)
     assert torch.all(encoder.norm.weight == 1) and torch.all(encoder.norm.bias == 0)
+
+
+# ---------------------------------------------------------------- attn_mask over one joint sequence (joint_mae.py)
+def test_attn_mask_all_true_equals_no_mask():
+    torch.manual_seed(4)
+    encoder = kat.KATransformer(D, depth=2, num_heads=HEADS).eval()
+    x, pos = torch.randn(B, 7, D), torch.randn(B, 7, D)
+    everything = torch.ones(B, 1, 7, 7, dtype=torch.bool)
+    assert torch.allclose(encoder(x, pos), encoder(x, pos, attn_mask=everything), atol=1e-6)
+    assert torch.equal(encoder(x, pos), encoder(x, pos, attn_mask=None))
+
+
+def test_attn_mask_gives_masked_keys_zero_weight():
+    attention = make_block().attn
+    x = torch.randn(B, 6, D)
+    mask = torch.ones(B, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, :3, 4] = False  # queries 0-2 may not attend to key 4
+    out = attention(x, attn_mask=mask)
+    # against an explicit per-head softmax with the masked logits excluded
+    queries, keys, values = (attention._split_heads(x @ w.T) for w in attention.qkv.weight.chunk(3, dim=0))
+    logits = (queries @ keys.transpose(-1, -2) / math.sqrt(D // HEADS)).masked_fill(~mask, float("-inf"))
+    weights = logits.softmax(-1)  # (B, h, 6, 6)
+    assert torch.all(weights[:, :, :3, 4] == 0)
+    assert torch.allclose(out, attention.proj((weights @ values).transpose(1, 2).flatten(2)), atol=1e-5)
+    # changing token 4 (its key and value) leaves the rows that cannot see it unchanged, and moves the others
+    changed = x.clone()
+    changed[:, 4] += 3.0 * torch.randn(B, D)
+    after = attention(changed, attn_mask=mask)
+    assert torch.allclose(out[:, :3], after[:, :3], atol=1e-6)
+    assert not torch.allclose(out[:, 3:], after[:, 3:], atol=1e-4)
+    unmasked = attention(x)
+    assert not torch.allclose(unmasked[:, :3], attention(changed)[:, :3], atol=1e-4)  # without the mask it leaks
+
+
+def test_attn_mask_is_refused_with_2d_tokens():
+    block = make_block()
+    x, tokens_2d = make_inputs()
+    with pytest.raises(ValueError, match="attn_mask"):
+        block(x, tokens_2d, attn_mask=torch.ones(B, 1, GV, GV, dtype=torch.bool))
