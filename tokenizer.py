@@ -298,7 +298,10 @@ class ImagePatchTokenizer(nn.Module):
             x = visual.transformer(x)  # (M, 1 + P, C)
         return visual.ln_post(x)  # (M, 1 + P, C)
 
-    def forward(self, images):
+    def forward(self, images, return_attention=False):
+        """images (B, V, 3, H, W) -> tokens (B, V, P, D); return_attention=True also returns the class token's
+        last-layer attention over the patches (B, V, P) (run_tower_with_attention: I2P-MAE's saliency, for
+        pretrain.py's --masking saliency); the tokens are then those of the hand-run last block (equal to 1e-6)."""
         batch_size, num_views, channels, height, width = images.shape
         if channels != 3 or height != self.image_size or width != self.image_size:
             raise ValueError(f"Expected images (B, V, 3, {self.image_size}, {self.image_size}); "
@@ -307,10 +310,69 @@ class ImagePatchTokenizer(nn.Module):
         x = images.reshape(batch_size * num_views, 3, height, width)  # (B*V, 3, H, W)
         x = (x - self.image_mean) / self.image_std  # CLIP normalisation
         with torch.no_grad():
-            patch_tokens = self.run_tower(x)[:, 1:]  # (B*V, P, C): class token dropped
+            if return_attention:
+                patch_tokens, attention = run_tower_with_attention(
+                    self.visual, x, project=False, positional_embedding=self.tower_positional_embedding)
+                patch_tokens = patch_tokens.to(x.dtype)  # (B*V, P, C), attention (B*V, P)
+            else:
+                patch_tokens = self.run_tower(x)[:, 1:]  # (B*V, P, C): class token dropped
         tokens = self.proj(patch_tokens)  # (B*V, P, D)  Eq. (2)
         tokens = tokens.reshape(batch_size, num_views, self.num_patches, -1)  # (B, V, P, D)
-        return tokens + self.pos_embed  # (B, V, P, D)  Eq. (2) with learnable positions
+        tokens = tokens + self.pos_embed  # (B, V, P, D)  Eq. (2) with learnable positions
+        if return_attention:
+            return tokens, attention.reshape(batch_size, num_views, self.num_patches)  # (B, V, P, D), (B, V, P)
+        return tokens
+
+
+def run_tower_with_attention(visual, images, project=True, positional_embedding=None):
+    """A CLIP ViT tower's last-layer patch features and its last block's class-token attention over the patches.
+
+    visual: clip-anytorch's VisionTransformer (load_clip_tower, or build_random_tower); images (M, 3, H, W), already
+    normalised as the caller wants, with H = W a multiple of the patch size.
+    Returns patch_features (M, P, C) float32: ln_post(x)[patches], times `proj` when project=True (C = the tower's
+    output width, 512 for ViT-B/16; otherwise its own width, 768), and class_attention (M, P) float32: row 0 (the
+    class token) of the LAST block's attention, averaged over heads, over the P patch keys (row-major grid order).
+    Each row sums to 1 minus the class token's attention to itself, so at most 1.
+
+    The forward is ImagePatchTokenizer.run_tower's, except that the last residual block runs by hand, because the
+    stock block asks its attention for no weights: y = ln_1(x), (a, W) = attn(y, y, y) with the weights averaged over
+    heads, x = x + a, x = x + mlp(ln_2(x)) (as I2P-MAE's modified CLIP, which returns the same W). The caller
+    decides on torch.no_grad and autocast; positional_embedding (1 + P, C) overrides the tower's table, which is
+    otherwise resampled to the image's grid here (interpolate_positional_embedding; unchanged at the native size).
+    """
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (M, C, H/16, W/16)
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"Expected square images, found {tuple(images.shape)}.")
+    if positional_embedding is None:
+        positional_embedding = interpolate_positional_embedding(visual.positional_embedding.detach(), x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)  # (M, P, C)
+    class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (M, 1, C)
+    x = torch.cat([class_token, x], dim=1)  # (M, 1 + P, C)
+    x = x + positional_embedding.to(x.dtype)  # (M, 1 + P, C)
+    x = visual.ln_pre(x)
+    blocks = visual.transformer.resblocks
+    # clip-anytorch's blocks use nn.MultiheadAttention with batch_first=False: sequence first, (1 + P, M, C).
+    sequence_first = not getattr(blocks[0].attn, "batch_first", False)
+    if sequence_first:
+        x = x.transpose(0, 1)  # (1 + P, M, C)
+    for block in blocks[:-1]:
+        x = block(x)
+    last = blocks[-1]
+    y = last.ln_1(x)
+    attn_mask = getattr(last, "attn_mask", None)  # None in CLIP's image tower; sliced as the stock block does
+    if attn_mask is not None:
+        attn_mask = attn_mask[..., -y.shape[0]:, -y.shape[0]:].to(dtype=y.dtype, device=y.device)
+    attended, weights = last.attn(y, y, y, need_weights=True, average_attn_weights=True,
+                                  attn_mask=attn_mask)  # attended like x, weights (M, 1 + P, 1 + P)
+    x = x + attended
+    x = x + last.mlp(last.ln_2(x))
+    if sequence_first:
+        x = x.transpose(0, 1)  # (M, 1 + P, C)
+    patch_features = visual.ln_post(x[:, 1:])  # (M, P, C)
+    if project and visual.proj is not None:
+        patch_features = patch_features @ visual.proj.to(patch_features.dtype)  # (M, P, C_out)
+    class_attention = weights[:, 0, 1:]  # (M, P): the class token's query row, patch keys only
+    return patch_features.float(), class_attention.float()
 
 
 # ---------------------------------------------------------------- demo

@@ -1,4 +1,6 @@
 """Tests for tokenizer.py: FPS and KNN against slow references, grouping invariants, the frozen 2-D tower."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,66 @@ def test_point_tokenizer_rejects_non_finite_points_and_keeps_its_batchnorm_stati
     with pytest.raises(ValueError, match=r"found 2 NaN or infinite values in points of shape \(2, 64, 3\)"):
         model(points)  # before: NaN tokens for the whole batch, and NaN running statistics for good
     assert all(torch.equal(statistics[name], buffer) for name, buffer in model.named_buffers())
+
+
+def stock_prefix(visual, images):
+    """The tower's stock forward up to (not including) its last block, sequence first: (1 + P, M, C)."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # (M, P, C)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.ln_pre(x).transpose(0, 1)  # (1 + P, M, C)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    return x
+
+
+def test_run_tower_with_attention_hand_runs_the_last_block_as_the_stock_block():
+    torch.manual_seed(0)
+    visual = tokenizer.build_random_tower(64, **TINY_TOWER).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        before_last = stock_prefix(visual, images)  # (1 + P, M, C)
+        stock = visual.transformer.resblocks[-1](before_last).transpose(0, 1)  # (M, 1 + P, C)
+        # With ln_post switched off the function returns the last block's own output for the patches.
+        ln_post = visual.ln_post
+        visual.ln_post = torch.nn.Identity()
+        hand, _ = tokenizer.run_tower_with_attention(visual, images, project=False)
+        visual.ln_post = ln_post
+        torch.testing.assert_close(hand, stock[:, 1:], atol=1e-6, rtol=0)
+        # With ln_post and proj: CLIP's own output map, (M, P, output_dim).
+        features, attention = tokenizer.run_tower_with_attention(visual, images)
+        torch.testing.assert_close(features, ln_post(stock[:, 1:]) @ visual.proj, atol=1e-5, rtol=1e-5)
+        # The class token's row of the same walk matches CLIP's forward (its ln_post(class) @ proj).
+        torch.testing.assert_close(ln_post(stock[:, 0]) @ visual.proj, visual(images), atol=1e-5, rtol=1e-5)
+    assert features.shape == (3, 16, 64) and attention.shape == (3, 16)
+    assert features.dtype == attention.dtype == torch.float32
+
+
+def test_class_attention_rows_sum_to_at_most_one_and_match_a_slow_recomputation():
+    torch.manual_seed(1)
+    visual = tokenizer.build_random_tower(64, **TINY_TOWER).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, attention = tokenizer.run_tower_with_attention(visual, images)  # (M, P)
+        x = visual.transformer.resblocks[-1].ln_1(stock_prefix(visual, images)).transpose(0, 1)  # (M, 1 + P, C)
+    assert (attention >= 0).all() and (attention.sum(-1) <= 1 + 1e-6).all() and (attention.sum(-1) < 0.999).all()
+    attn = visual.transformer.resblocks[-1].attn
+    heads, width = attn.num_heads, x.shape[-1]
+    q_weight, k_weight, _ = attn.in_proj_weight.detach().chunk(3)
+    q_bias, k_bias, _ = attn.in_proj_bias.detach().chunk(3)
+    for m in range(2):
+        expected = torch.zeros(x.shape[1] - 1)
+        for head in range(heads):
+            rows = slice(head * width // heads, (head + 1) * width // heads)
+            query = x[m, 0] @ q_weight[rows].T + q_bias[rows]  # the class token's query
+            keys = x[m] @ k_weight[rows].T + k_bias[rows]  # (1 + P, C / heads)
+            scores = torch.softmax(keys @ query / math.sqrt(width // heads), dim=0)  # over class + patches
+            expected += scores[1:] / heads
+        torch.testing.assert_close(attention[m], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_run_tower_with_attention_resamples_positions_for_another_image_size():
+    visual = tokenizer.build_random_tower(224, **TINY_TOWER).eval()  # 14 x 14 positions, as pre-trained CLIP
+    with torch.no_grad():
+        features, attention = tokenizer.run_tower_with_attention(visual, torch.randn(2, 3, 64, 64), project=False)
+    assert features.shape == (2, 16, 64) and attention.shape == (2, 16)
+    assert visual.positional_embedding.shape == (197, 64)  # the tower itself is left as it was
