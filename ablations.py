@@ -17,6 +17,11 @@ Table 5 needs only the pre-training loss: the mean reconstruction loss L_R (Eq. 
     Table 5  random vs reinforced masking, mask ratio 0.5 ... 0.9 (0.6: rows C and D)
     Table 6  fusion: MLP / joint self-attention / plain cross-attention / aligned (= D)
     scratch  the same measures of a randomly initialised encoder (Point-MAE's from-scratch initialisation)
+    peers    Joint-MAE, I2P-MAE, CrossAlignNet (pretrain.py --method, at matched settings: Point-MAE's points, mask
+             ratio and schedule, so only the method differs), each against Point-MAE (row A), and each paper's
+             key mechanism: Joint-MAE Table 6 (global attention) and Table 8 (no / 1-view cross-reconstruction);
+             I2P-MAE's 2D-guided vs random masking; CrossAlignNet Table 7 (image masking) and Table 8 (lambda);
+             and KR-MAE with I2P-MAE's saliency masking (--masking saliency) against RM and random masking.
 
 Comparisons are paired by seed: pre-training seed s and fine-tuning seed s of one row against the same seeds of
 another (scratch: fine-tuning seed s). For each we give the mean difference and its 95 % Student-t interval over
@@ -66,11 +71,34 @@ CONFIGS = {
     "cross": (["--fusion", "cross"], True),
     **{f"random_{r}": (["--masking", "random", "--mask_ratio", r], False) for r in ("0.5", "0.7", "0.8", "0.9")},
     **{f"reinforced_{r}": (["--mask_ratio", r], False) for r in ("0.5", "0.7", "0.8", "0.9")},
+    # Peer methods at matched settings, and their papers' key mechanisms.
+    "joint_mae": (["--method", "joint_mae", "--matched"], True),
+    "joint_global": (["--method", "joint_mae", "--matched", "--no-joint_local_3d_to_2d", "--no-joint_local_2d_to_3d"],
+                     True),
+    "joint_no_cross": (["--method", "joint_mae", "--matched", "--joint_cross_views", "0"], True),
+    "joint_1view": (["--method", "joint_mae", "--matched", "--joint_cross_views", "1"], True),
+    "i2p_mae": (["--method", "i2p_mae", "--matched"], True),
+    "i2p_random": (["--method", "i2p_mae", "--matched", "--no-i2p_guided"], True),
+    "crossalignnet": (["--method", "crossalignnet", "--matched"], True),
+    "cal_correspondence": (["--method", "crossalignnet", "--matched", "--cal_image_masking", "correspondence"], True),
+    "cal_random": (["--method", "crossalignnet", "--matched", "--cal_image_masking", "random"], True),
+    "cal_lambda_1e-3": (["--method", "crossalignnet", "--matched", "--cal_gsa_weight", "1e-3"], True),
+    "saliency": (["--masking", "saliency"], True),
 }
 ROW_LABELS = {"A": "A: Point-MAE (no 2-D, random masking)", "B": "B: + KAT, 3 random views", "C": "C: + RVS (k = 3)",
               "D": "D: + RM = KR-MAE (k = 3)", "k1": "E: KR-MAE, k = 1", "k6": "G: KR-MAE, k = 6",
               "k9": "H: KR-MAE, k = 9", "mlp": "Table 6 A: MLP fusion", "joint": "Table 6 B: self-attention",
-              "cross": "Table 6 C: cross-attention", "scratch": "random init (no pre-training)"}
+              "cross": "Table 6 C: cross-attention", "scratch": "random init (no pre-training)",
+              "joint_mae": "Joint-MAE (matched)", "joint_global": "Joint-MAE, global attention (its Table 6)",
+              "joint_no_cross": "Joint-MAE, no L_3D-2D (its Table 8)",
+              "joint_1view": "Joint-MAE, 1-view L_3D-2D (its Table 8)", "i2p_mae": "I2P-MAE (matched)",
+              "i2p_random": "I2P-MAE, random masking", "crossalignnet": "CrossAlignNet (matched)",
+              "cal_correspondence": "CrossAlignNet, correspondence masking (its Table 7)",
+              "cal_random": "CrossAlignNet, random image masking (its Table 7)",
+              "cal_lambda_1e-3": "CrossAlignNet, lambda 1e-3 (its Table 8)",
+              "saliency": "KR-MAE with saliency masking (I2P-MAE's)"}
+# The peer table: the five methods at matched settings (A = Point-MAE, D = KR-MAE).
+PEER_ROWS = ("A", "D", "joint_mae", "i2p_mae", "crossalignnet")
 # The measures of a row: result key -> column title.
 MEASURES = {"literature_svm_accuracy": "literature SVM", "cv_svm_accuracy": "CV SVM",
             "nearest_neighbour_accuracy": "1-NN", "few_shot_10_class_accuracy": "10-shot probe",
@@ -81,7 +109,18 @@ COMPARISONS = [("B", "A", "KAT with random views vs none"), ("C", "A", "RVS + KA
                ("D", "A", "KR-MAE vs Point-MAE"), ("k1", "D", "k = 1 vs 3"), ("k6", "D", "k = 6 vs 3"),
                ("k9", "D", "k = 9 vs 3"), ("D", "mlp", "aligned vs MLP fusion"), ("D", "joint", "aligned vs joint"),
                ("D", "cross", "aligned vs cross"), ("A", "scratch", "Point-MAE vs random init"),
-               ("D", "scratch", "KR-MAE vs random init")]
+               ("D", "scratch", "KR-MAE vs random init"),
+               ("joint_mae", "A", "Joint-MAE vs Point-MAE"), ("i2p_mae", "A", "I2P-MAE vs Point-MAE"),
+               ("crossalignnet", "A", "CrossAlignNet vs Point-MAE"), ("D", "joint_mae", "KR-MAE vs Joint-MAE"),
+               ("D", "i2p_mae", "KR-MAE vs I2P-MAE"), ("D", "crossalignnet", "KR-MAE vs CrossAlignNet"),
+               ("joint_mae", "joint_global", "local vs global attention"),
+               ("joint_mae", "joint_no_cross", "4-view L_3D-2D vs none"),
+               ("joint_mae", "joint_1view", "4 vs 1 view of L_3D-2D"),
+               ("i2p_mae", "i2p_random", "2D-guided vs random masking"),
+               ("crossalignnet", "cal_correspondence", "complementary vs correspondence"),
+               ("crossalignnet", "cal_random", "complementary vs random image masking"),
+               ("crossalignnet", "cal_lambda_1e-3", "lambda 1e-4 vs 1e-3"),
+               ("D", "saliency", "reinforced vs saliency masking"), ("saliency", "C", "saliency vs random masking")]
 
 THREADS = {"OMP_NUM_THREADS": "1"}  # set by main(): the machine's cores shared among the runs at once
 
@@ -171,16 +210,24 @@ def report(results):
     results = [run for run in results if run.get("protocol") == PROTOCOL]
     names = [name for name in [*CONFIGS, "scratch"] if any(run["name"] == name for run in results)]
     by_name = {name: [run for run in results if run["name"] == name] for name in names}
-    lines = ["| row | " + " | ".join(MEASURES.values()) + " | pre-training L_R | seeds |",
-             "|---|" + "---|" * (len(MEASURES) + 2)]
-    for name in names:
-        runs = by_name[name]
-        if not CONFIGS.get(name, ([], True))[1]:
-            continue  # Table 5 only rows are in the loss table below
-        cells = [mean_std([run[key] for run in runs if key in run]) for key in MEASURES]
-        loss = mean_std([run["pretrain_loss_rec"] for run in runs if "pretrain_loss_rec" in run])
-        lines.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) +
-                     f" | {loss} | {','.join(str(run['seed']) for run in runs)} |")
+
+    def rows_table(row_names):
+        table = ["| row | " + " | ".join(MEASURES.values()) + " | pre-training L_R | seeds |",
+                 "|---|" + "---|" * (len(MEASURES) + 2)]
+        for name in row_names:
+            runs = by_name[name]
+            cells = [mean_std([run[key] for run in runs if key in run]) for key in MEASURES]
+            loss = mean_std([run["pretrain_loss_rec"] for run in runs if "pretrain_loss_rec" in run])
+            table.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) +
+                         f" | {loss} | {','.join(str(run['seed']) for run in runs)} |")
+        return table
+
+    # Table 5 only rows (no downstream measures) are in the loss table at the end.
+    lines = rows_table([name for name in names if CONFIGS.get(name, ([], True))[1]])
+    peers = [name for name in PEER_ROWS if name in by_name]
+    if len(peers) > 2:  # Point-MAE, KR-MAE and at least one peer
+        lines += ["", "Peer methods, re-implemented on the Point-MAE backbone, at matched settings:", "",
+                  *rows_table(peers)]
     lines += ["", "Paired differences (first row minus second, same seeds), mean and 95 % interval (accuracies in "
                   "points):", "",
               "| comparison | measure | mean difference | 95 % interval | seeds | separates from 0 |",

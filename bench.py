@@ -9,6 +9,7 @@ Measured on the device it runs on (CPU or CUDA), in one process, after warm-up, 
 
 Run:  python bench.py                       (paper sizes: batch 128, 1024 points, ViT-B/16-sized tower, 10 views)
       python bench.py --preset tiny         (the CPU smoke preset of pretrain.py)
+      python bench.py --method joint_mae --matched   (also the step of a peer method, here at matched settings)
       python bench.py --batch_size 16 --out runs/bench/bench_cpu.json
 The CLIP weights are not needed: a randomly initialised tower of the same size costs the same time.
 Prints a table and writes strict JSON (a value that does not exist, such as peak GPU memory on the CPU, is null)
@@ -26,7 +27,7 @@ import torch
 
 import pretrain
 from masking import gather_tokens
-from pretrain import KRMAE, Config, chamfer_distance
+from pretrain import chamfer_distance
 from render import MultiViewRenderer
 from tokenizer import farthest_point_sample, knn_indices
 
@@ -54,7 +55,7 @@ def median_seconds(function, device, repeats):
 
 
 def build(cfg, device):
-    model = KRMAE(cfg).to(device)
+    model = pretrain.build_model(cfg).to(device)  # the model of cfg.method
     optimizer = torch.optim.AdamW(pretrain.parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     return model, optimizer
 
@@ -179,6 +180,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    parser.add_argument("--method", default="", help="comma-separated pretrain.py methods whose step is also "
+                                                     "measured, e.g. joint_mae (each at its paper settings)")
+    parser.add_argument("--matched", action="store_true", help="the --method steps at matched settings")
     parser.add_argument("--out", default="runs/bench/bench.json", help="the JSON result (runs/ is not versioned)")
     return parser.parse_args(argv)
 
@@ -186,9 +190,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    cfg = pretrain.parse_config(Config, ["--preset", args.preset] if args.preset else [])
-    cfg = dataclasses.replace(cfg, clip_random_tower=cfg.clip_random_tower or "768,12,12",  # ViT-B/16's size
-                              batch_size=args.batch_size or cfg.batch_size, compile=args.compile)
+    preset = ["--preset", args.preset] if args.preset else []
+
+    def configuration(flags):
+        cfg = pretrain.build_config(preset + flags)
+        return dataclasses.replace(cfg, clip_random_tower=cfg.clip_random_tower or "768,12,12",  # ViT-B/16's size
+                                   batch_size=args.batch_size or cfg.batch_size, compile=args.compile)
+
+    cfg = configuration([])
+    methods = [method for method in args.method.split(",") if method]
+    unknown = sorted(set(methods) - set(pretrain.METHODS))
+    if unknown:
+        raise SystemExit(f"--method names unknown methods {unknown}; expected some of {pretrain.METHODS}.")
     device = pretrain.select_device(args.device)
     WARMUP["calls"] = args.warmup
     use_bf16 = args.amp and device.type == "cuda"
@@ -205,12 +218,20 @@ def main(argv=None):
     result["kr_mae"] = throughput(cfg, device, use_bf16, args.repeats)
     result["point_mae"] = throughput(point_mae, device, use_bf16, args.repeats)
     result["kr_mae_over_point_mae_step_time"] = result["kr_mae"]["step_seconds"] / result["point_mae"]["step_seconds"]
+    result["methods"] = {}
+    for method in methods:  # each with its own settings (paper or --matched), the same batch and device
+        method_cfg = configuration(["--method", method] + (["--matched"] if args.matched else []))
+        result["methods"][method] = {**throughput(method_cfg, device, use_bf16, args.repeats),
+                                     "num_points": method_cfg.num_points, "matched": method_cfg.matched}
     result["stages"] = stage_shares(cfg, device, use_bf16, args.repeats)
     result["operations"] = operations(cfg, device, args.repeats)
 
     print(f"\n{'pre-training step':34s} {'s/step':>9s} {'shapes/s':>10s} {'peak GiB':>9s}")
     for key, label in [("kr_mae", "KR-MAE (full)"), ("point_mae", "Point-MAE (no 2-D, random mask)")]:
         row = result[key]
+        print(f"{label:34s} {row['step_seconds']:9.4f} {row['shapes_per_second']:10.1f} {row['peak_memory_gib']:9.2f}")
+    for method, row in result["methods"].items():
+        label = f"--method {method} ({row['num_points']} points{', matched' if row['matched'] else ''})"
         print(f"{label:34s} {row['step_seconds']:9.4f} {row['shapes_per_second']:10.1f} {row['peak_memory_gib']:9.2f}")
     print(f"KR-MAE step time / Point-MAE step time: {result['kr_mae_over_point_mae_step_time']:.2f}")
     print(f"\n{'stage of one KR-MAE step':52s} {'seconds':>9s} {'share':>7s}")

@@ -82,7 +82,7 @@ def views_figure(model, points, path, title="", tile=160, columns=None):
         scores, selected = None, []
         if has_scores:
             tokens, centers, _ = model.tokenizer_3d(cloud)  # (1, G, D), (1, G, 3)  Eq. (3)
-            tokens_2d, _ = model.image_tokens(cloud, centers)  # (1, V, P, D)  Eq. (1)-(2)
+            tokens_2d = model.image_tokens(cloud, centers)[0]  # (1, V, P, D)  Eq. (1)-(2)
             chosen, view_scores, _ = model.selector(tokens, tokens_2d)  # (1, S), (1, V)  Eq. (5)-(6)
             scores, selected = view_scores[0].tolist(), chosen[0].tolist()
     num_views = images.shape[0]

@@ -42,6 +42,9 @@ import datasets
 import linear_probe
 import point_mae_checkpoints
 import synthetic
+from crossalignnet import CrossAlignNet
+from i2p_mae import I2PMAE, guided_masking, normalised_entropy
+from joint_mae import JointMAE
 from kat import FUSIONS, KATransformer
 from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
 from render import MultiViewRenderer, pixels_to_patches
@@ -52,10 +55,17 @@ from tokenizer import CenterEmbedding, ImagePatchTokenizer, PointTokenizer
 @dataclass
 class Config:
     """KR-MAE pre-training (python pretrain.py --help lists every flag with its source)."""
+    # --- method -----------------------------------------------------------------------------------------------
+    method: str = "kr_mae"          # METHODS: kr_mae (this paper), point_mae (= --no-use_2d --masking random),
+                                    # joint_mae, i2p_mae, crossalignnet (the files of those names); METHOD_DEFAULTS
+                                    # sets each one's architecture
+    matched: bool = False           # every method at Point-MAE's points, mask ratio, batch and schedule (only the
+                                    # method differs); without it each method gets its paper's (PAPER_SETTINGS)
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "auto"              # "auto" (ShapeNet55 if data_root exists, else synthetic), "shapenet55", "synthetic"
     data_root: str = "data/ShapeNet55-34"  # Point-BERT's layout, see datasets.py
     num_points: int = 1024          # paper "Pre-training Setup": 1,024 points per object
+    augment: bool = True            # Point-MAE's scale-and-translate of every batch (CrossAlignNet: none)
     synthetic_size: int = 4096      # shapes per epoch when training on the built-in synthetic shapes
     # --- 3-D tokens (Eq. 3) -----------------------------------------------------------------------------------
     num_groups: int = 64            # n; Point-MAE: 64
@@ -67,12 +77,13 @@ class Config:
     num_views: int = 10             # v; PointCLIP V2's 10 views
     num_selected_views: int = 3     # k; paper Table 4: best at 3
     use_rvs: bool = True            # False: k views drawn at random per shape (Table 4, row B)
-    image_size: int = 112           # paper "Pre-training Setup": 112 x 112
+    image_size: int = 112           # paper "Pre-training Setup": 112 x 112 (joint_mae: 224, its depth map)
     clip_model: str = "ViT-B/16"    # CLIP name (downloaded when online) or a local checkpoint path
     clip_random_tower: str = ""     # "width,layers,heads": a randomly initialised tower instead (tests, CPU)
     fusion: str = "aligned"         # kat.FUSIONS; paper Table 6: aligned (ours), cross, joint (self-attn), mlp
     # --- masking (Eq. 7-8) --------------------------------------------------------------------------------------
-    masking: str = "reinforced"     # "reinforced" (RM) or "random" (Point-MAE)
+    masking: str = "reinforced"     # "reinforced" (RM), "random" (Point-MAE), "saliency" (I2P-MAE's 2D-guided
+                                    # masking from KR-MAE's own views and tower; --i2p_saliency_temperature)
     mask_ratio: float = 0.6         # rho; Point-MAE: 0.6
     masking_heads: int = 6          # heads of RM's lightweight attention
     policy_weight: float = 1e-4     # lambda; NOTE(unspecified): the paper gives no value; AdaMAE uses 1e-4
@@ -80,7 +91,7 @@ class Config:
     dim: int = 384                  # d^E; Point-MAE: 384
     depth: int = 12                 # encoder blocks; Point-MAE: 12
     num_heads: int = 6              # Point-MAE: 6
-    decoder_depth: int = 4          # Point-MAE: 4
+    decoder_depth: int = 4          # Point-MAE: 4 (joint_mae: its modal-shared decoder, 2 blocks)
     decoder_heads: int = 6          # Point-MAE: 6
     drop_path: float = 0.1          # Point-MAE: stochastic depth 0 -> 0.1
     # --- optimisation (Point-MAE) ---------------------------------------------------------------------------
@@ -91,6 +102,30 @@ class Config:
     weight_decay: float = 0.05      # Point-MAE: 0.05
     warmup_epochs: int = 10         # Point-MAE: 10
     grad_clip: float = 0.0          # gradient norm clip, 0: none (Point-MAE clips only when fine-tuning, at 10)
+    # --- Joint-MAE (--method joint_mae; joint_mae.py; Guo et al., IJCAI 2023) ------------------------------------
+    joint_mask_ratio_2d: float = 0.75   # Joint-MAE sec. 3: random masking of both modalities, "e.g., 75 %"
+    joint_patch_size: int = 16      # Joint-MAE Eq. (2): the 2-D tokens downsample 1/16 (224 -> 14 x 14)
+    joint_projection: str = "perspective"  # Eq. (1): PointCLIP's perspective depth map; "realistic": render.py
+    joint_local_3d_to_2d: bool = True   # Table 6: local-aligned attention from 3-D queries to 2-D keys (False: global)
+    joint_local_2d_to_3d: bool = True   # Table 6: local-aligned attention from 2-D queries to 3-D keys (False: global)
+    joint_modality_3d: bool = True  # sec. 3.2: a learnable 3-D modality token M_3D (False: M_3D = 0, M_2D only)
+    joint_cross_views: int = 4      # Table 8: views of the cross-reconstruction loss L_3D-2D (4); 0 drops the term
+    joint_weight_3d: float = 1.0    # Eq. (7): L = L_2D + L_3D + L_3D-2D, weights 1 : 1 : 1
+    joint_weight_2d: float = 1.0    # Eq. (7)
+    joint_weight_cross: float = 1.0  # Eq. (7)
+    # --- I2P-MAE (--method i2p_mae; i2p_mae.py; Zhang et al., CVPR 2023, official code) ----------------------------
+    i2p_guided: bool = True         # 2D-guided masking (mask_2D_guided); False: random (supplement Table 1)
+    i2p_saliency_temperature: float = 1.0  # softmax temperature of the saliency (official: 1, none)
+    i2p_target_points: int = 8      # 2-D targets per visible token: its nearest points (official: 8 per token)
+    i2p_weight_2d: float = 1.0      # loss = L_3D + L_2D (official runner: 1 : 1)
+    i2p_projection: str = "orthographic"  # official proj2img (3 axis views, 5x5 sum splat); "realistic": render.py
+    # --- CrossAlignNet (--method crossalignnet; crossalignnet.py; Wang et al., PeerJ CS 2025) -----------------------
+    cal_image_masking: str = "complementary"  # Table 7: complementary (best), correspondence, random
+    cal_gsa_weight: float = 1e-4    # lambda of Eq. (12), L = L_LMR + lambda L_GSA (Table 8 best)
+    cal_contrast: str = "infonce"   # Eq. (7)-(8): symmetric cross-modal InfoNCE; "ntxent": SimCLR NT-Xent
+    cal_temperature: float = 0.1    # tau of the contrastive loss (NOTE(unspecified): 0.1, as Inter-MAE)
+    cal_image_depth: int = 12       # the from-scratch image transformer (inferred from Table 9's 57.69 M)
+    cal_gsa_depth: int = 2          # the global semantic alignment decoder ("fewer blocks"; inferred)
     # --- run --------------------------------------------------------------------------------------------------
     init_from: str = ""             # start from a pre-training checkpoint's 3-D encoder, decoder and reconstruction
                                     # head: an official Point-MAE pretrain.pth or a last.pth of this script
@@ -113,8 +148,38 @@ PRESETS = {
     "tiny": dict(num_points=512, synthetic_size=512, num_groups=32, group_size=16, num_views=6,
                  num_selected_views=2, image_size=64, clip_random_tower="64,2,2", masking_heads=2, dim=96,
                  depth=4, num_heads=4, decoder_depth=2, decoder_heads=4, batch_size=16, lr=1e-3, warmup_epochs=1,
-                 num_workers=0, picture_every=1),
+                 num_workers=0, picture_every=1, cal_image_depth=4),  # CrossAlignNet's image encoder as the 3-D one
 }
+METHODS = ("kr_mae", "point_mae", "joint_mae", "i2p_mae", "crossalignnet")
+MASKINGS = ("reinforced", "random", "saliency")  # --masking of kr_mae
+# What --method sets before --preset and the flags: the parts of its architecture that differ from KR-MAE's fields.
+METHOD_DEFAULTS = {
+    "kr_mae": {},
+    "point_mae": dict(use_2d=False, masking="random"),  # Table 4 row A: Point-MAE on this backbone
+    "joint_mae": dict(image_size=224, decoder_depth=2),  # Joint-MAE sec. 4.1: 224 x 224; 2-block shared decoder
+    "i2p_mae": dict(image_size=224),  # I2P-MAE: CLIP ViT-B/16 at 224 x 224 (14 x 14 patches)
+    "crossalignnet": dict(image_size=224),  # CrossAlignNet: 224 x 224 images, 16 x 16 patches
+}
+# Each paper's own data settings, unless --matched (then Point-MAE's: 1,024 points, mask ratio 0.6, batch 128,
+# 300 epochs, for every method). KR-MAE and Point-MAE use Point-MAE's.
+PAPER_SETTINGS = {
+    "joint_mae": dict(num_points=2048, mask_ratio=0.75),  # Joint-MAE sec. 4.1: 2,048 points; sec. 3.1: 75 %
+    "i2p_mae": dict(num_points=2048, mask_ratio=0.8, batch_size=64),  # official config: 2,048 points, 0.8, 64
+    "crossalignnet": dict(num_points=2048, augment=False),  # "Training": 2,048 points, no augmentation
+}
+
+
+def build_config(argv=None):
+    """Flags -> Config: the dataclass defaults, then --method's METHOD_DEFAULTS (and its PAPER_SETTINGS unless
+    --matched), then --preset, then a --resume checkpoint's settings; flags given on the command line win."""
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--method", default=Config.method)
+    pre_parser.add_argument("--matched", action=argparse.BooleanOptionalAction, default=Config.matched)
+    known = pre_parser.parse_known_args(argv)[0]
+    if known.method not in METHODS:
+        raise SystemExit(f"--method must be one of {METHODS}, got {known.method!r}.")
+    method = {**METHOD_DEFAULTS[known.method], **({} if known.matched else PAPER_SETTINGS.get(known.method, {}))}
+    return parse_config(Config, argv, {name: {**method, **values} for name, values in {"": {}, **PRESETS}.items()})
 
 
 def parse_config(config_class, argv=None, presets=PRESETS):
@@ -203,8 +268,10 @@ class KRMAE(nn.Module):
             self.selector = ReliableViewSelector(dim=dim, num_selected=cfg.num_selected_views)
         if cfg.masking == "reinforced":
             self.masking = ReinforcedMasking(dim=dim, num_heads=cfg.masking_heads, mask_ratio=cfg.mask_ratio)  # Eq. (7)
-        elif cfg.masking != "random":
-            raise ValueError(f"--masking must be 'reinforced' or 'random', got {cfg.masking!r}.")
+        elif cfg.masking not in MASKINGS:
+            raise ValueError(f"--masking must be one of {MASKINGS}, got {cfg.masking!r}.")
+        elif cfg.masking == "saliency" and not cfg.use_2d:
+            raise ValueError("--masking saliency reads the class attention of the 2-D views; it needs --use_2d.")
         # Eq. (15): the Standard Transformer decoder and the reconstruction head, as Point-MAE.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos = CenterEmbedding(dim=dim, trunc_normal=False)  # Point-MAE: default init there
@@ -214,13 +281,29 @@ class KRMAE(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # Point-MAE: truncated normal, std 0.02
 
     def image_tokens(self, points, centers):
-        """Eq. (1)-(2): render, read patch tokens, and find the patch under every group centre in every view."""
+        """Eq. (1)-(2): render, read patch tokens, and find the patch under every group centre in every view.
+        --masking saliency also gets the tower's class attention over the patches (B, V, P), else None."""
         with torch.no_grad():
             images = self.renderer(points)  # (B, V, 3, H, W)  Eq. (1)
             pixels = self.renderer.project(points, centers)  # (B, V, G, 2)
         patch_size = self.cfg.image_size // self.tokenizer_2d.grid_size  # the tower's own patch size (16 for ViT-B/16)
         patch_index = pixels_to_patches(pixels, self.cfg.image_size, patch_size)  # (B, V, G)
-        return self.tokenizer_2d(images), patch_index  # (B, V, P, D)  Eq. (2)
+        if self.cfg.masking == "saliency":
+            tokens_2d, attention = self.tokenizer_2d(images, return_attention=True)  # (B, V, P, D), (B, V, P)
+            return tokens_2d, patch_index, attention
+        return self.tokenizer_2d(images), patch_index, None  # (B, V, P, D)  Eq. (2)
+
+    def saliency_masking(self, attention, patch_index):
+        """--masking saliency: I2P-MAE's 2D-guided masking (i2p_mae.guided_masking) on KR-MAE's own views. The
+        saliency of a centre is the class attention of the patch under it, averaged over the v rendered views;
+        visible tokens are drawn without replacement from softmax(saliency / tau).
+        NOTE(unspecified): I2P-MAE reads a bicubic upsampling of the attention map at the centre's pixel in its 3
+        views; KR-MAE aligns by patch (PMA), so we read the patch under the centre, in all v views (before RVS).
+        attention (B, V, P), patch_index (B, V, G) -> visible (B, Gv), masked (B, Gm), entropy ()."""
+        saliency = torch.gather(attention, 2, patch_index).mean(dim=1)  # (B, G)
+        visible_index, masked_index, log_probs = guided_masking(saliency, self.cfg.mask_ratio,
+                                                                self.cfg.i2p_saliency_temperature)
+        return visible_index, masked_index, normalised_entropy(log_probs).mean()
 
     def forward(self, points):
         """points (B, N, 3) -> dict with the losses and what the reconstruction picture needs."""
@@ -229,19 +312,24 @@ class KRMAE(nn.Module):
         tokens, centers, neighborhoods = self.tokenizer_3d(points)  # (B, G, D), (B, G, 3), (B, G, K, 3)  Eq. (3)
         out = {"centers": centers, "neighborhoods": neighborhoods}
 
-        # Reinforced Masking (Eq. 7) or Point-MAE's uniform random masking.
+        # The rendered views and their tokens first (nothing random: the masks below draw as before).
+        if cfg.use_2d:
+            tokens_2d, patch_index, attention = self.image_tokens(points, centers)  # (B, V, P, D), (B, V, G)
+
+        # Reinforced Masking (Eq. 7), I2P-MAE's saliency masking, or Point-MAE's uniform random masking.
+        log_probs = None
         if cfg.masking == "reinforced":
             visible_index, masked_index, log_probs = self.masking(tokens)  # (B, Gv), (B, Gm), (B, G)
+        elif cfg.masking == "saliency":
+            visible_index, masked_index, out["masking_entropy"] = self.saliency_masking(attention, patch_index)
         else:
             visible_index, masked_index = random_masking(batch_size, cfg.num_groups, cfg.mask_ratio, points.device)
-            log_probs = None
         visible_tokens = gather_tokens(tokens, visible_index)  # (B, Gv, D)
         visible_centers = gather_tokens(centers, visible_index)  # (B, Gv, 3)
         masked_centers = gather_tokens(centers, masked_index)  # (B, Gm, 3)
 
         aligned_tokens_2d = None
         if cfg.use_2d:
-            tokens_2d, patch_index = self.image_tokens(points, centers)  # (B, V, P, D), (B, V, G)
             if cfg.use_rvs:
                 selected, scores, selected_tokens_2d = self.selector(tokens, tokens_2d)  # (B, S), (B, V), (B, S, P, D)
                 out["view_scores"] = scores
@@ -276,6 +364,39 @@ class KRMAE(nn.Module):
         out.update(loss=loss, loss_rec=loss_rec, loss_policy=loss_policy, predicted=predicted,
                    visible_index=visible_index, masked_index=masked_index)
         return out
+
+
+def build_model(cfg):
+    """--method -> its pre-training model. Each one has the 3-D path finetune.py keeps (tokenizer_3d, encoder_pos,
+    encoder, under these names) and returns a dict with `loss`, each of its terms as `loss_*` (all logged), and what
+    the reconstruction picture reads (centers, neighborhoods, visible_index, masked_index, predicted)."""
+    if cfg.method == "joint_mae":  # joint_mae.py, Guo et al. (IJCAI 2023), on this backbone
+        return JointMAE(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                        num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+                        drop_path=cfg.drop_path, mask_ratio=cfg.mask_ratio, mask_ratio_2d=cfg.joint_mask_ratio_2d,
+                        image_size=cfg.image_size, patch_size=cfg.joint_patch_size, projection=cfg.joint_projection,
+                        local_3d_to_2d=cfg.joint_local_3d_to_2d, local_2d_to_3d=cfg.joint_local_2d_to_3d,
+                        modality_token_3d=cfg.joint_modality_3d, cross_views=cfg.joint_cross_views,
+                        weight_3d=cfg.joint_weight_3d, weight_2d=cfg.joint_weight_2d,
+                        weight_cross=cfg.joint_weight_cross, skip_near_origin=cfg.fps_skip_near_origin)
+    if cfg.method == "i2p_mae":  # i2p_mae.py, Zhang et al. (CVPR 2023), on this backbone
+        return I2PMAE(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                      num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+                      drop_path=cfg.drop_path, mask_ratio=cfg.mask_ratio, image_size=cfg.image_size,
+                      clip_model=cfg.clip_model, random_tower=random_tower_spec(cfg.clip_random_tower),
+                      guided=cfg.i2p_guided, saliency_temperature=cfg.i2p_saliency_temperature,
+                      target_points=cfg.i2p_target_points, weight_2d=cfg.i2p_weight_2d,
+                      projection=cfg.i2p_projection, skip_near_origin=cfg.fps_skip_near_origin)
+    if cfg.method == "crossalignnet":  # crossalignnet.py, Wang et al. (PeerJ CS 2025), on this backbone
+        return CrossAlignNet(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                             num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
+                             decoder_heads=cfg.decoder_heads, gsa_depth=cfg.cal_gsa_depth,
+                             image_depth=cfg.cal_image_depth, image_heads=cfg.num_heads, drop_path=cfg.drop_path,
+                             mask_ratio=cfg.mask_ratio, image_size=cfg.image_size,
+                             image_masking=cfg.cal_image_masking, contrast=cfg.cal_contrast,
+                             temperature=cfg.cal_temperature, gsa_weight=cfg.cal_gsa_weight,
+                             skip_near_origin=cfg.fps_skip_near_origin)
+    return KRMAE(cfg)  # kr_mae, and point_mae (= no 2-D branch, random masking)
 
 
 ENCODER_PREFIXES = ("tokenizer_3d.", "encoder_pos.", "encoder.")
@@ -429,20 +550,26 @@ def epoch_order(num_samples, seed, epoch):
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
+def frozen_towers(model):
+    """The state-dict prefixes of the model's frozen CLIP towers that hold PRE-TRAINED weights: KR-MAE's
+    `tokenizer_2d.visual.`, I2P-MAE's teacher `teacher.visual.` (both flag `visual_is_pretrained`)."""
+    return tuple(f"{name}.visual." for name in ("tokenizer_2d", "teacher")
+                 if getattr(getattr(model, name, None), "visual_is_pretrained", False))
+
+
 def trainable_state(model):
-    """The model's state dict without a pre-trained frozen CLIP tower (reloaded from CLIP's file on resume).
+    """The model's state dict without a pre-trained frozen CLIP tower (reloaded from CLIP's file on resume; it
+    would add about 350 MB to every checkpoint).
 
     NOTE(unspecified): a random tower (tests, the tiny preset) is saved, since nothing else could restore it."""
-    state = model.state_dict()
-    tokenizer_2d = getattr(model, "tokenizer_2d", None)
-    if tokenizer_2d is not None and tokenizer_2d.visual_is_pretrained:
-        state = {name: value for name, value in state.items() if not name.startswith("tokenizer_2d.visual.")}
-    return state
+    frozen = frozen_towers(model)
+    return {name: value for name, value in model.state_dict().items() if not (frozen and name.startswith(frozen))}
 
 
 def load_trainable_state(model, state):
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not name.startswith("tokenizer_2d.visual.")]
+    frozen = frozen_towers(model)
+    missing = [name for name in missing if not (frozen and name.startswith(frozen))]
     if missing or unexpected:
         raise RuntimeError(f"The checkpoint does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}"
                            f" (of {len(missing)} and {len(unexpected)}). Was it written with another configuration?")
@@ -517,14 +644,56 @@ def check_config(cfg):
         (1 <= num_masked < cfg.num_groups,
          f"--mask_ratio {cfg.mask_ratio} masks {num_masked} of the {cfg.num_groups} groups (--num_groups); at least "
          f"one group must be masked and one visible."),
-        (cfg.masking in ("reinforced", "random"), f"--masking must be 'reinforced' or 'random', got {cfg.masking!r}."),
+        (cfg.masking in MASKINGS, f"--masking must be one of {MASKINGS}, got {cfg.masking!r}."),
+        (cfg.masking != "saliency" or cfg.use_2d, "--masking saliency reads the class attention of the 2-D views; it "
+                                                  "needs the 2-D branch (--use_2d)."),
+        (cfg.i2p_saliency_temperature > 0,
+         f"--i2p_saliency_temperature must be positive, got {cfg.i2p_saliency_temperature}."),
         (cfg.fusion in FUSIONS, f"--fusion must be one of {FUSIONS}, got {cfg.fusion!r}."),
         (not cfg.use_2d or 1 <= cfg.num_selected_views <= cfg.num_views,
          f"--num_selected_views must be between 1 and --num_views ({cfg.num_views}) when the 2-D branch is on (with "
          f"or without RVS), got {cfg.num_selected_views}."),
         (cfg.data in ("auto", "shapenet55", "synthetic"),
          f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}."),
+        (cfg.method in METHODS, f"--method must be one of {METHODS}, got {cfg.method!r}."),
+        (cfg.method != "point_mae" or (not cfg.use_2d and cfg.masking == "random"),
+         f"--method point_mae is --no-use_2d --masking random; got use_2d {cfg.use_2d}, masking {cfg.masking!r} "
+         f"(use --method kr_mae to combine them otherwise)."),
+        (not cfg.init_from or cfg.method in ("kr_mae", "point_mae"),
+         f"--init_from loads Point-MAE's encoder and decoder into --method kr_mae or point_mae; --method "
+         f"{cfg.method} has another decoder."),
     ]
+    if cfg.method == "joint_mae":
+        patches = (cfg.image_size // cfg.joint_patch_size) ** 2 if cfg.joint_patch_size > 0 else 0
+        checks += [
+            (cfg.joint_patch_size > 0 and cfg.image_size % cfg.joint_patch_size == 0,
+             f"--image_size ({cfg.image_size}) must be a multiple of --joint_patch_size ({cfg.joint_patch_size})."),
+            (0 <= cfg.joint_mask_ratio_2d < 1 and 1 <= int(cfg.joint_mask_ratio_2d * patches) < patches,
+             f"--joint_mask_ratio_2d {cfg.joint_mask_ratio_2d} must mask at least one and keep at least one of the "
+             f"{patches} 2-D tokens."),
+            (cfg.joint_projection in ("perspective", "realistic"),
+             f"--joint_projection must be 'perspective' or 'realistic', got {cfg.joint_projection!r}."),
+            (cfg.joint_cross_views >= 0, f"--joint_cross_views must be 0 or more, got {cfg.joint_cross_views}."),
+        ]
+    if cfg.method == "i2p_mae":
+        checks += [
+            (1 <= cfg.i2p_target_points <= cfg.group_size,
+             f"--i2p_target_points must be between 1 and --group_size ({cfg.group_size}), got {cfg.i2p_target_points}."),
+            (cfg.i2p_projection in ("orthographic", "realistic"),
+             f"--i2p_projection must be 'orthographic' or 'realistic', got {cfg.i2p_projection!r}."),
+        ]
+    if cfg.method == "crossalignnet":
+        checks += [
+            (cfg.cal_image_masking in ("complementary", "correspondence", "random"),
+             f"--cal_image_masking must be complementary, correspondence or random, got {cfg.cal_image_masking!r}."),
+            (cfg.cal_contrast in ("infonce", "ntxent"), f"--cal_contrast must be infonce or ntxent, got "
+                                                        f"{cfg.cal_contrast!r}."),
+            (cfg.cal_temperature > 0 and cfg.cal_gsa_weight >= 0,
+             f"--cal_temperature must be positive and --cal_gsa_weight not negative, got {cfg.cal_temperature} and "
+             f"{cfg.cal_gsa_weight}."),
+            (cfg.batch_size >= 2, f"--method crossalignnet contrasts the shapes of a batch (and its heads have "
+                                  f"BatchNorm): --batch_size must be at least 2, got {cfg.batch_size}."),
+        ]
     for passed, message in checks:
         if not passed:
             raise ValueError(message)
@@ -586,7 +755,7 @@ def main(cfg):
           f"{total_steps} steps, {num_visible_text(cfg)}")
 
     # --- model and optimizer --------------------------------------------------------------------------------------
-    model = KRMAE(cfg).to(device)
+    model = build_model(cfg).to(device)
     print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
     if cfg.init_from and not cfg.resume:  # a resumed run already holds what it loaded at its start
         initialise_from(model, cfg.init_from)
@@ -597,6 +766,8 @@ def main(cfg):
 
     # Two fixed shapes for the reconstruction picture (drawn before resuming: reading may use the RNG).
     picture_points = torch.stack([dataset[i][0] for i in range(2)]).to(device)  # (2, N, 3), fixed shapes
+    print(f"method {cfg.method} ({'matched settings' if cfg.matched else 'its paper settings'}): {cfg.num_points} "
+          f"points, mask ratio {cfg.mask_ratio}, batch {cfg.batch_size}")
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch = 0
@@ -616,26 +787,31 @@ def main(cfg):
         order = epoch_order(len(dataset), cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
                                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        sums, started = {"loss": 0.0, "loss_rec": 0.0, "loss_policy": 0.0}, time.time()
+        sums, started = {}, time.time()  # every scalar the model returns (loss terms, statistics), summed
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            points = datasets.scale_and_translate(batch[0].to(device, non_blocking=True))  # (B, N, 3)
+            points = batch[0].to(device, non_blocking=True)  # (B, N, 3)
+            if cfg.augment:  # Point-MAE: a random scale and translation per shape and axis
+                points = datasets.scale_and_translate(points)  # (B, N, 3)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(points)
-            values = {name: out[name].item() for name in sums}  # one host sync per step, for the bar and the check
-            if not math.isfinite(values["loss"]):
+            # Every scalar the model returns: loss, its terms loss_rec, loss_policy, loss_2d, ..., and statistics such
+            # as I2P-MAE's masking_entropy; one host sync per step for all of them (bar, log, check of every term).
+            names = [name for name, value in out.items() if torch.is_tensor(value) and value.ndim == 0]
+            values = dict(zip(names, torch.stack([out[name].detach().float() for name in names]).tolist()))
+            if not all(math.isfinite(value) for name, value in values.items() if name.startswith("loss")):
                 if epoch > start_epoch or cfg.resume:  # this run has a checkpoint: this folder's, or the resumed one
                     last_good = checkpoint_path if epoch > start_epoch else cfg.resume
                     advice = f"The last good checkpoint {last_good!r} is untouched: resume from it with a lower --lr."
                 else:
                     advice = ("No checkpoint of this run was written yet (one is written at the end of every epoch): "
                               "lower --lr and start again.")
-                raise FloatingPointError(f"The loss became {values['loss']} at epoch {epoch}, step {step}; stopping "
-                                         f"before it reaches the weights. {advice}")
+                raise FloatingPointError(f"The loss became {values['loss']} at epoch {epoch}, step {step} (terms: "
+                                         f"{values}); stopping before it reaches the weights. {advice}")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.grad_clip > 0:  # off by default: Point-MAE's pre-training does not clip
@@ -644,10 +820,10 @@ def main(cfg):
                     raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not "
                                              f"updated.")
             optimizer.step()
-            for name in sums:
-                sums[name] += values[name]
-            bar.set_postfix(loss=f"{values['loss']:.4f}", rec=f"{values['loss_rec']:.4f}",
-                            policy=f"{values['loss_policy']:.4f}", lr=f"{lr:.2e}")
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            bar.set_postfix(**{name.replace("loss_", ""): f"{value:.4f}" for name, value in values.items()},
+                            lr=f"{lr:.2e}")
 
         # --- end of epoch: log line, checkpoint, picture, optional SVM --------------------------------------------
         record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
@@ -689,6 +865,6 @@ def num_visible_text(cfg):
 
 
 if __name__ == "__main__":
-    config = parse_config(Config, sys.argv[1:])
+    config = build_config(sys.argv[1:])
     print(json.dumps(dataclasses.asdict(config)))
     main(config)
