@@ -186,11 +186,16 @@ def parse_config(config_class, argv=None, presets=PRESETS):
     """Turn a dataclass into argparse flags (`--lr 5e-4`, `--lr=5e-4`, `--no-use_2d`), with each field's source comment
     as its help. Defaults come from the dataclass, then `--preset`, then (pretrain.py) the checkpoint of `--resume`;
     flags given on the command line win over all three."""
-    comments = {}  # field name -> the comment after it in the dataclass, shown by --help
+    comments, field_name = {}, None  # field name -> the comment after it in the dataclass, shown by --help
     for line in inspect.getsource(config_class).splitlines():
         code, _, comment = line.partition("#")
         if ":" in code and "=" in code:
-            comments[code.split(":")[0].strip()] = comment.strip().replace("%", "%%")
+            field_name = code.split(":")[0].strip()
+            comments[field_name] = comment.strip().replace("%", "%%")
+        elif field_name and not code.strip() and len(line) - len(line.lstrip()) > 4:  # an indented continuation
+            comments[field_name] += " " + comment.strip().replace("%", "%%")
+        else:
+            field_name = None  # a section header or anything else ends the field's comment
     parser = argparse.ArgumentParser(description=(config_class.__doc__ or "").split("\n")[0])
     for field in dataclasses.fields(config_class):
         help_text = f"{comments.get(field.name, '')} (default: %(default)s)"

@@ -44,6 +44,16 @@ def test_parse_config_flags_presets_and_booleans():
         parse_config(Config, ["--preset", "huge"])
 
 
+def test_help_shows_each_fields_whole_comment_and_no_section_header(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    # A comment continued on the next line is shown whole; the section header after a field is not appended.
+    assert "and schedule (only the method differs); without it each method gets its paper's (PAPER_SETTINGS)" in text
+    assert "Point-MAE's CUDA kernel: for exact parity with its checkpoints (tokenizer.py) (default: False)" in text
+    assert "Point-MAE: 0.6 (default: 0.6)" in text and "--- " not in text
+
+
 def test_learning_rate_warmup_then_cosine():
     values = [pretrain.learning_rate(step, 100, 10, 1e-3, 1e-6) for step in range(100)]
     assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
