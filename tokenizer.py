@@ -46,8 +46,9 @@ def farthest_point_sample(points, num_samples, start_index=None, skip_near_origi
     checkpoints trained that way. When every point left is that close, it picks point 0 again, as the kernel does.
     """
     batch_size, num_points, _ = points.shape
-    if num_samples > num_points:
-        raise ValueError(f"Cannot sample {num_samples} distinct centres from a cloud of {num_points} points.")
+    if not 1 <= num_samples <= num_points:
+        raise ValueError(f"Cannot sample {num_samples} distinct centres from a cloud of {num_points} points; "
+                         f"expected 1 <= num_samples <= {num_points}.")
     # Distances decide which point is chosen, so they are computed in float32 even under autocast.
     with torch.autocast(device_type=points.device.type, enabled=False):
         points = points.float()  # (B, N, 3)
@@ -55,31 +56,40 @@ def farthest_point_sample(points, num_samples, start_index=None, skip_near_origi
         # FPS kernel), so grouping is deterministic; the loaders' random point subsets make that point random.
         if start_index is None:
             start_index = torch.zeros(batch_size, dtype=torch.long, device=points.device)  # (B,)
-        selected = torch.empty(batch_size, num_samples, dtype=torch.long, device=points.device)  # (B, G)
         # Squared distance of every point to its nearest selected point so far.
         nearest_distance = torch.full((batch_size, num_points), float("inf"), device=points.device,
                                       dtype=points.dtype)  # (B, N)
         # The kernel's skipped points never compete: -1 is below every distance, so argmax passes over them.
         skipped = (points ** 2).sum(-1) <= 1e-3 if skip_near_origin else None  # (B, N) bool
         current = start_index.to(device=points.device, dtype=torch.long)  # (B,)
-        for step in range(num_samples):
-            selected[:, step] = current
-            current_point = gather_points(points, current[:, None])  # (B, 1, 3)
+        # The chosen indices go into a list, stacked once at the end. Writing them into a preallocated (B, G)
+        # tensor column by column is the same in eager mode, but torch.compile's CPU backend (torch 2.13)
+        # miscompiled those in-place writes (wrong centres for G >= 32); the list form compiles exactly.
+        selected = [current]
+        for _ in range(num_samples - 1):
+            current_point = torch.gather(points, 1, current.view(-1, 1, 1).expand(-1, 1, 3))  # (B, 1, 3)
             distance = ((points - current_point) ** 2).sum(-1)  # (B, N)
-            nearest_distance = torch.minimum(nearest_distance, distance)
+            nearest_distance = torch.minimum(nearest_distance, distance)  # (B, N)
             # Chosen points have distance 0, so they are never picked again.
             candidates = nearest_distance if skipped is None else nearest_distance.masked_fill(skipped, -1.0)
             current = candidates.argmax(dim=-1)  # (B,)
-    return selected
+            selected.append(current)
+    return torch.stack(selected, dim=1)  # (B, G)
 
 
 @torch.no_grad()
 def knn_indices(points, centers, k):
     """The k nearest points (among ALL N) of every centre: (B, N, 3), (B, G, 3) -> (B, G, K) long, nearest first."""
     with torch.autocast(device_type=points.device.type, enabled=False):
-        # The direct difference formula is exact for ties and small distances (the matmul form is not).
-        distance = torch.cdist(centers.float(), points.float(),
-                               compute_mode="donot_use_mm_for_euclid_dist")  # (B, G, N)
+        points, centers = points.float(), centers.float()  # (B, N, 3), (B, G, 3)
+        # Squared distances from the coordinate differences: exact for ties and small distances (the matrix-product
+        # form |c|^2 - 2 c.p + |p|^2 is not). Summed one axis at a time, left to right: the same float32 values as
+        # ((centers[:, :, None] - points[:, None]) ** 2).sum(-1), without its (B, G, N, 3) temporary. torch.cdist's
+        # exact mode picks the same neighbours, but on a GPU it launches one thread block per distance (8.4 M blocks
+        # for a batch of 128).
+        distance = (centers[:, :, None, 0] - points[:, None, :, 0]).square_()  # (B, G, N)
+        for axis in (1, 2):
+            distance += (centers[:, :, None, axis] - points[:, None, :, axis]).square_()  # (B, G, N)
         return distance.topk(k, dim=-1, largest=False, sorted=True).indices  # (B, G, K)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import render
 from render import MultiViewRenderer, pixels_to_patches, view_rotations
 
 
@@ -16,7 +17,8 @@ def identity_renderer(image_size=110):
 
 
 def slow_view_coordinates(cloud, rotation, grid_size=112, depth_bins=8, obj_ratio=0.8):
-    """Obvious float64 numpy version of rotate + normalise + grid formulas for one cloud and one view."""
+    """Obvious float64 numpy version of rotate + normalise + grid formulas for one cloud and one view:
+    (rows, cols, depth bins, clipped depth zf). As PointCLIP V2: every index is rounded up, then clipped."""
     rotated = cloud @ rotation.T  # p' = M p for every row
     middle = (rotated.max(0) + rotated.min(0)) / 2
     extent = (rotated.max(0) - rotated.min(0)).max()
@@ -24,8 +26,9 @@ def slow_view_coordinates(cloud, rotation, grid_size=112, depth_bins=8, obj_rati
     normalised[:, :2] *= obj_ratio
     rows = np.clip(np.ceil((normalised[:, 0] + 1) / 2 * grid_size), 1, grid_size - 2).astype(np.int64)
     cols = np.clip(np.ceil((normalised[:, 1] + 1) / 2 * grid_size), 1, grid_size - 2).astype(np.int64)
-    depth = np.clip(((normalised[:, 2] + 1) / 2 + 0.2) / 1.2 * (depth_bins - 2), 1, depth_bins - 2)
-    return rows, cols, depth
+    depth = ((normalised[:, 2] + 1) / 2 + 0.2) / 1.2 * (depth_bins - 2)
+    bins = np.ceil(depth).astype(np.int64)  # before clipping the depth value
+    return rows, cols, bins, np.clip(depth, 1, depth_bins - 2)
 
 
 def random_cloud(batch=1, num_points=64, seed=0):
@@ -99,7 +102,8 @@ def test_project_matches_slow_reference_and_every_point_is_drawn_at_its_pixel():
     images = renderer(cloud)[0, :, 0]  # (V, 110, 110)
     pixels = renderer.project(cloud, cloud)[0]  # (V, N, 2)
     for view in range(10):
-        rows, cols, depth = slow_view_coordinates(cloud[0].double().numpy(), renderer.rotations[view].double().numpy())
+        rotation = renderer.rotations[view].double().numpy()
+        rows, cols, _, depth = slow_view_coordinates(cloud[0].double().numpy(), rotation)
         assert np.array_equal(pixels[view, :, 0].numpy(), rows - 1)
         assert np.array_equal(pixels[view, :, 1].numpy(), cols - 1)
         # The 3 x 3 Gaussian at the pixel only sees densified voxels that hold the point, so the drawn depth
@@ -196,9 +200,8 @@ def test_voxelize_matches_slow_loop():
     for b in range(2):
         for view in range(3):
             rotation = renderer.rotations[view].double().numpy()
-            rows, cols, depth = slow_view_coordinates(clouds[b].double().numpy(), rotation, grid_size=32)
-            for row, col, value in zip(rows, cols, depth):
-                bin_index = math.ceil(value)
+            rows, cols, bins, depth = slow_view_coordinates(clouds[b].double().numpy(), rotation, grid_size=32)
+            for row, col, bin_index, value in zip(rows, cols, bins, depth):
                 expected[b, view, bin_index, row, col] = max(expected[b, view, bin_index, row, col], value)
     assert np.allclose(grid.numpy(), expected, atol=1e-5)
     assert (grid > 0).sum() > 40  # points spread over many voxels
@@ -218,21 +221,79 @@ def test_pixels_to_patches_and_errors():
         MultiViewRenderer().project(torch.zeros(2, 5, 3), torch.zeros(1, 5, 3))
 
 
-def test_forward_equals_the_pipeline_written_with_plain_3d_operations():
-    # The separable densify pool must give exactly PointCLIP V2's (1, 7, 7) max-pool, and the rest of the
-    # pipeline (smooth, squeeze, 1 - depth / max, resize, 3 channels) must match it written out step by step.
+def test_depth_bin_is_rounded_up_before_the_depth_is_clipped_as_in_pointclip_v2():
+    # Identity view, z = 0.4 and 0.5 (x = -+0.04 only separates the pixels). In float32: extent = 0.5 - 0.4 =
+    # 0.099999994, middle = 0.44999999, so the top point's normalised z is 0.050000012 / 0.099999994 * 2 =
+    # 1.0000004 and zf = ((1.0000004 + 1) / 2 + 0.2) / 1.2 * 6 = 6.0000014. PointCLIP V2 rounds up first: bin 7,
+    # then writes the clipped value 6. Clipping first would give bin ceil(6) = 6. The bottom point: zf = 1.0000007,
+    # bin 2 in either order. Rows: normalised x = -+0.64 -> ceil(0.18 * 112) = 21, ceil(0.82 * 112) = 92; column 56.
+    cloud = torch.tensor([[[-0.04, 0.0, 0.4], [0.04, 0.0, 0.5]]])  # (1, 2, 3)
+    renderer = identity_renderer(110)
+    rows, cols, bins, depth = renderer.grid_coordinates(renderer.normalise(cloud))  # 4 x (1, 1, 2)
+    assert rows.flatten().tolist() == [21, 92] and cols.flatten().tolist() == [56, 56]
+    unclipped = depth.new_tensor([1.0000007152557373, 6.000001430511475])  # zf as computed above, float32
+    assert bins.flatten().tolist() == [2, 7] and torch.ceil(unclipped.clamp(1, 6)).tolist() == [2, 6]
+    assert depth.flatten().tolist() == [1.0000007152557373, 6.0]
+    grid = renderer.voxelize(cloud)[0, 0]  # (8, 112, 112)
+    assert grid[7, 92, 56] == 6.0 and grid[6, 92, 56] == 0 and grid[2, 21, 56] == unclipped[0]
+    assert (grid > 0).sum() == 2
+    assert renderer(cloud)[0, 0, 0, 91, 55] == 0  # drawn at full depth: grid pixel (92, 56) minus 1
+
+
+def test_sliding_max_is_max_pool_and_the_separable_gaussian_is_the_3x3_one():
     import torch.nn.functional as F
 
-    renderer = MultiViewRenderer(num_views=4, image_size=64, grid_size=64)
-    points = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(6, 9, 23, generator=generator) * (torch.rand(6, 9, 23, generator=generator) > 0.8)  # >= 0
+    for size, padding in [(3, 0), (3, 1), (5, 1), (7, 2), (7, 3), (9, 3)]:
+        # max_pool pads with -inf; the zero padding is the same for values >= 0. Exact equality.
+        pooled_columns = F.max_pool2d(values[:, None], (1, size), stride=1, padding=(0, padding))[:, 0]
+        assert torch.equal(render.sliding_max(values, -1, size, padding), pooled_columns), (size, padding)
+        pooled_rows = F.max_pool2d(values[:, None], (size, 1), stride=1, padding=(padding, 0))[:, 0]
+        assert torch.equal(render.sliding_max(values, -2, size, padding), pooled_rows), (size, padding)
+    weights = render.gaussian_profile(3.0)  # (3,)
+    assert weights.sum().item() == pytest.approx(1.0) and weights[0] == weights[2] and weights[1] > weights[0]
+    kernel = pointclip_gaussian_kernel(3.0)  # (1, 1, 1, 3, 3)
+    smooth = render.smooth_along(render.smooth_along(values, -1, weights.tolist()), -2, weights.tolist())
+    expected = F.conv2d(values[:, None], kernel[0], padding=1)[:, 0]  # (6, 9, 23)
+    assert (smooth - expected).abs().max() <= 1e-6
+    assert (render.smooth_along(values, -1, weights.tolist()) - expected).abs().max() > 1e-2  # one pass is not it
+
+
+def pointclip_gaussian_kernel(sigma, size=3):
+    """PointCLIP V2's smoothing weight: the normalised 2-D Gaussian (1, 1, 1, size, size), built in float64."""
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2  # (size,)
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))  # (size, size)
+    return (kernel / kernel.sum()).float().view(1, 1, 1, size, size)
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(num_views=4, image_size=64, grid_size=64),
+                                   dict(num_views=2, image_size=32, grid_size=16, densify_kernel=5, depth_bins=5)])
+def test_forward_equals_the_pipeline_written_with_plain_3d_operations(sizes, monkeypatch):
+    # PointCLIP V2's pipeline as it writes it: a (1, 7, 7) max_pool3d, a (1, 3, 3) Gaussian conv3d, max over depth,
+    # 1 - depth / max, resize, 3 channels, on the same voxel grid. The renderer's separable pools must give the same
+    # values exactly and its separable Gaussian the same up to float32 rounding (measured: below 4e-7).
+    import torch.nn.functional as F
+
+    renderer = MultiViewRenderer(**sizes)
+    points = torch.rand(2, 1024, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1  # (B, N, 3)
+    points[1] *= torch.tensor([1.0, 0.3, 2.0])  # a flat, long second cloud
     grid = renderer.voxelize(points).flatten(0, 1).unsqueeze(1)  # (B * V, 1, d, g, g)
-    dense = F.max_pool3d(grid, kernel_size=(1, 7, 7), stride=1, padding=(0, 2, 2))
-    smooth = F.conv3d(dense, renderer.smooth_kernel, padding=(0, 1, 1))
+    k, pad = renderer.densify_kernel, renderer.densify_padding
+    dense = F.max_pool3d(grid, kernel_size=(1, k, k), stride=1, padding=(0, pad, pad))
+    smooth = F.conv3d(dense, pointclip_gaussian_kernel(3.0), padding=(0, 1, 1))
     depth_map = smooth.amax(dim=2)
     image = 1 - depth_map / depth_map.amax(dim=(-2, -1), keepdim=True)
-    image = F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
-    expected = image.repeat(1, 3, 1, 1).view(2, 4, 3, 64, 64)
-    torch.testing.assert_close(renderer(points), expected, atol=1e-6, rtol=0)
+    size = (renderer.image_size, renderer.image_size)
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    expected = image.repeat(1, 3, 1, 1).view(2, renderer.num_views, 3, *size)
+    images = renderer(points)  # (B, V, 3, H, W)
+    assert (images - expected).abs().max() <= 1e-6
+    assert (images < 1).float().mean() > 0.05  # something is drawn
+    # The images are rendered a few at a time on the CPU; any chunk size gives the same bits.
+    for images_per_chunk in (1, 3, 1000):
+        monkeypatch.setattr(render, "IMAGES_PER_CPU_CHUNK", images_per_chunk)
+        assert torch.equal(renderer(points), images)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

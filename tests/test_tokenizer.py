@@ -42,6 +42,71 @@ def test_fps_matches_slow_reference_and_picks_distinct_cloud_points():
     assert torch.equal(tokenizer.farthest_point_sample(points, 32), tokenizer.farthest_point_sample(points, 32, zeros))
 
 
+def preallocated_farthest_point_sample(points, num_samples, start_index, skip_near_origin=False):
+    """The previous vectorised FPS (indices written column by column into a preallocated tensor), kept as the
+    reference that the list-and-stack version must reproduce index for index."""
+    batch = torch.arange(points.shape[0])
+    selected = torch.empty(points.shape[0], num_samples, dtype=torch.long)  # (B, G)
+    nearest_distance = torch.full(points.shape[:2], float("inf"))  # (B, N)
+    skipped = (points ** 2).sum(-1) <= 1e-3  # (B, N)
+    current = start_index
+    for step in range(num_samples):
+        selected[:, step] = current
+        distance = ((points - points[batch, current][:, None]) ** 2).sum(-1)  # (B, N)
+        nearest_distance = torch.minimum(nearest_distance, distance)
+        candidates = nearest_distance.masked_fill(skipped, -1.0) if skip_near_origin else nearest_distance
+        current = candidates.argmax(dim=-1)
+    return selected
+
+
+def clouds_with_ties(seed):
+    """Paper-size clouds (B, 1024, 3): random; on a lattice of quarters (exact arithmetic, so many exactly tied
+    distances); every point duplicated (ties between copies); a sphere with points near its centre (what
+    skip_near_origin passes over); a small cloud far from the origin (where |c|^2 - 2 c.p + |p|^2 cancels)."""
+    random = random_cloud(batch_size=4, num_points=1024, seed=seed)
+    lattice = (random_cloud(batch_size=4, num_points=1024, seed=seed + 1) * 4).round() / 4
+    duplicated = random_cloud(batch_size=4, num_points=512, seed=seed + 2).repeat(1, 2, 1)
+    sphere = torch.nn.functional.normalize(random_cloud(batch_size=4, num_points=1024, seed=seed + 3), dim=-1)
+    sphere[:, 1::9] *= 0.01  # squared norm 1e-4 <= 1e-3
+    far = random_cloud(batch_size=4, num_points=1024, seed=seed + 4) * 0.1 + 30
+    return {"random": random, "lattice": lattice, "duplicated": duplicated, "sphere": sphere, "far": far}
+
+
+@pytest.mark.parametrize("skip_near_origin", [False, True])
+def test_fps_gives_the_indices_of_the_preallocated_version_including_ties(skip_near_origin):
+    start_index = torch.tensor([0, 5, 1023, 700])
+    for name, points in clouds_with_ties(seed=10).items():
+        expected = preallocated_farthest_point_sample(points, 64, start_index, skip_near_origin)
+        found = tokenizer.farthest_point_sample(points, 64, start_index, skip_near_origin)
+        assert torch.equal(found, expected), name
+        # Under bf16 autocast the distances stay float32, so nothing changes.
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            assert torch.equal(tokenizer.farthest_point_sample(points, 64, start_index, skip_near_origin), expected)
+    # On the sphere plain FPS picks centre points early, so skipping them does change the centres.
+    sphere = clouds_with_ties(seed=10)["sphere"]
+    skips = preallocated_farthest_point_sample(sphere, 64, start_index, True)
+    assert not torch.equal(skips, preallocated_farthest_point_sample(sphere, 64, start_index, False))
+    assert tokenizer.farthest_point_sample(points, 1, start_index).tolist() == [[0], [5], [1023], [700]]
+    with pytest.raises(ValueError, match="expected 1 <= num_samples"):
+        tokenizer.farthest_point_sample(points, 0)
+
+
+def test_knn_gives_the_indices_of_cdist_including_exact_ties_and_duplicates():
+    # The previous implementation, torch.cdist's exact (no matrix product) mode: the same neighbours in the same
+    # order. (Its CPU kernel sums with fused multiply-adds, so where two distances are equal in exact arithmetic
+    # but not in float32 - e.g. a lattice of thirds - rounding may order them differently.)
+    for name, points in clouds_with_ties(seed=20).items():
+        centers = tokenizer.gather_points(points, tokenizer.farthest_point_sample(points, 64))  # (B, G, 3)
+        index = tokenizer.knn_indices(points, centers, 32)  # (B, G, K)
+        distance = torch.cdist(centers, points, compute_mode="donot_use_mm_for_euclid_dist")  # (B, G, N)
+        assert torch.equal(index, distance.topk(32, dim=-1, largest=False, sorted=True).indices), name
+        # And the indices of the one-line difference form, which a reader can check by eye.
+        squared = ((centers[:, :, None] - points[:, None]) ** 2).sum(-1)  # (B, G, N)
+        assert torch.equal(index, squared.topk(32, dim=-1, largest=False, sorted=True).indices), name
+        if name == "duplicated":  # every centre has an exact copy: distance 0 twice
+            assert (torch.gather(squared, 2, index[:, :, :2]) == 0).all()
+
+
 def test_knn_matches_brute_force():
     points = random_cloud(batch_size=2, num_points=200, seed=1)
     centers = random_cloud(batch_size=2, num_points=10, seed=2)
