@@ -215,7 +215,7 @@ def report(results):
         table = ["| row | " + " | ".join(MEASURES.values()) + " | pre-training L_R | seeds |",
                  "|---|" + "---|" * (len(MEASURES) + 2)]
         for name in row_names:
-            runs = by_name[name]
+            runs = sorted(by_name[name], key=lambda run: run["seed"])
             cells = [mean_std([run[key] for run in runs if key in run]) for key in MEASURES]
             loss = mean_std([run["pretrain_loss_rec"] for run in runs if "pretrain_loss_rec" in run])
             table.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) +

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+import distributed
 import pretrain
 from masking import gather_tokens
 from pretrain import chamfer_distance
@@ -202,7 +203,7 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(pretrain.METHODS))
     if unknown:
         raise SystemExit(f"--method names unknown methods {unknown}; expected some of {pretrain.METHODS}.")
-    device = pretrain.select_device(args.device)
+    device = distributed.select_device(args.device)
     WARMUP["calls"] = args.warmup
     use_bf16 = args.amp and device.type == "cuda"
     if device.type == "cuda":

@@ -30,6 +30,7 @@ Run:  python finetune.py --task scan_objectnn --variant obj_bg --checkpoint runs
       python finetune.py --task fewshot --way 5 --shot 10 --folds all --checkpoint runs/pretrain/last.pth
       python finetune.py --task partseg --preset tiny --data synthetic --epochs 2     (a CPU smoke run)
       python finetune.py --task modelnet40 --eval_only --checkpoint modelnet_1k.pth   (test a fine-tuned model)
+      torchrun --nproc_per_node 4 finetune.py --task scan_objectnn ...   (4 GPUs; --batch_size stays the global batch)
 --checkpoint also takes Point-MAE's released files (point_mae_checkpoints.py maps their keys).
 Every hyperparameter is a field of `Config` and a flag; `--seeds 0,1,2` repeats a run and reports mean +- std;
 `--resume` continues every run of the command from its last.pth (refused if it was started with other settings);
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import datasets
@@ -58,9 +60,11 @@ import linear_probe
 import point_mae_checkpoints
 import synthetic
 from kat import KATransformer
+from distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
+                         sync_batchnorm)
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, load_checkpoint,
                       parameter_groups, parse_config, rng_state, save_checkpoint, schedule_and_size_checks,
-                      select_device, set_rng_state, truncate_log)
+                      set_rng_state, truncate_log)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
@@ -619,16 +623,19 @@ def build_model(cfg, sets, load_weights=True, whole_model=False):
     return model
 
 
-def run_finetune(cfg, device, run_dir):
-    """One fine-tuning run (one seed, one few-shot fold), flat: data, model, optimizer, resume, loop."""
+def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
+    """One fine-tuning run (one seed, one few-shot fold), flat: data, model, optimizer, resume, loop. Under torchrun
+    (world_size > 1) every rank trains on its share of each global batch (as pretrain.py); rank 0 alone tests, prints
+    and writes the log and the checkpoint, and returns the metrics."""
     # --- setup ------------------------------------------------------------------------------------------------
+    is_main = rank == 0
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial head
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     checkpoint_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     name = f"[{task_label(cfg)} seed {cfg.seed}" + (f" fold {cfg.fold}]" if cfg.task == "fewshot" else "]")
-    if os.path.exists(f"{checkpoint_path}.tmp"):
+    if is_main and os.path.exists(f"{checkpoint_path}.tmp"):
         os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
     resuming = cfg.resume and os.path.isfile(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path) if resuming else None
@@ -645,31 +652,49 @@ def run_finetune(cfg, device, run_dir):
         raise ValueError(f"The training set has {len(sets['train'])} shapes, fewer than one batch of "
                          f"{cfg.batch_size}; lower --batch_size.")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    local_batch_size = cfg.batch_size // world_size  # each rank's share of the global batch (start_processes checked)
     test_loader = torch.utils.data.DataLoader(sets["test"], batch_size=cfg.batch_size, shuffle=False,
                                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    print(f"{name} {len(sets['train'])} training / {len(sets['test'])} test shapes, {steps_per_epoch} steps/epoch")
+    if is_main:
+        print(f"{name} {len(sets['train'])} training / {len(sets['test'])} test shapes, {steps_per_epoch} "
+              f"steps/epoch" + (f", {world_size} processes of {local_batch_size} shapes a step" if world_size > 1
+                                else ""))
 
     # --- model and optimizer --------------------------------------------------------------------------------------
-    model = build_model(cfg, sets, load_weights=not resuming).to(device)  # a resumed run reads last.pth below
+    model = build_model(cfg, sets, load_weights=not resuming)  # a resumed run reads last.pth below
+    if world_size > 1:
+        model = sync_batchnorm(model, device)  # the heads' and the mini-PointNet's statistics over the global batch
+    model = model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch, best, metrics = 0, {}, {}
     if resuming:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"])  # the un-wrapped model's names, whatever the world size
         optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
+        if world_size == 1:  # several ranks re-derive their generators at every epoch start (below)
+            set_rng_state(checkpoint["rng"])
         start_epoch, best, metrics = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["last"]
-        print(f"{name} resumed from {checkpoint_path} at epoch {start_epoch}")
+        if is_main:
+            print(f"{name} resumed from {checkpoint_path} at epoch {start_epoch}")
+    # Under torchrun the step runs through DDP (gradients averaged over the ranks); the un-wrapped `model` is tested
+    # and saved. static_graph: as pretrain.py, the same parameters take part in every step.
+    train_model = (DistributedDataParallel(model, static_graph=True,
+                                           device_ids=[device.index] if device.type == "cuda" else None)
+                   if world_size > 1 else model)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = epoch_order(len(sets["train"]), cfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(sets["train"], batch_size=cfg.batch_size, sampler=order, drop_last=True,
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        if world_size > 1:
+            seed_rank_generators(cfg.seed, rank, epoch)  # as pretrain.py (its NOTE): resumable at any world size
+        order = epoch_order(len(sets["train"]), cfg.seed, epoch)  # the same global order on every rank
+        loader = torch.utils.data.DataLoader(sets["train"], batch_size=local_batch_size,
+                                             sampler=rank_batches(order, cfg.batch_size, rank, world_size),
+                                             drop_last=True, num_workers=cfg.num_workers,
+                                             pin_memory=device.type == "cuda")
         loss_sum, correct, seen, started = 0.0, 0, 0, time.time()
-        bar = tqdm(loader, desc=f"{name} epoch {epoch}", disable=not cfg.progress, leave=False)
+        bar = tqdm(loader, desc=f"{name} epoch {epoch}", disable=not cfg.progress or not is_main, leave=False)
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
@@ -683,10 +708,13 @@ def run_finetune(cfg, device, run_dir):
                                                                                    cfg.fps_skip_near_origin))  # (B, N, 3)
             target = batch[2 if segmentation else 1].to(device)  # (B, N) parts or (B,) labels
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(points, batch[1].to(device)) if segmentation else model(points)  # (B, [N,] classes)
+                logits = (train_model(points, batch[1].to(device)) if segmentation
+                          else train_model(points))  # (B, [N,] classes)
             # Plain cross-entropy (Point-MAE); -1 marks clutter points without a part.
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
-            loss_value = loss.item()  # one host sync per step, for the check, the bar and the log
+            # One host sync per step, for the check, the bar and the log; under torchrun the mean over the ranks (the
+            # global batch's loss), so that every rank sees a non-finite loss at the same step and stops there.
+            loss_value = summed_over_ranks(loss.detach(), world_size).item() / world_size
             if not math.isfinite(loss_value):
                 advice = (f"the last good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr."
                           if epoch > start_epoch or resuming else  # this run has written (or resumed) a checkpoint
@@ -702,7 +730,12 @@ def run_finetune(cfg, device, run_dir):
             seen += (target >= 0).sum().item()
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
-        # --- end of epoch: test, log line, checkpoint ---------------------------------------------------------------
+        if world_size > 1:  # the training accuracy over every rank's shapes
+            correct, seen = summed_over_ranks(torch.tensor([correct, seen], device=device), world_size).tolist()
+        if not is_main:
+            continue  # rank 0 tests and writes; the others wait for it at their next step's all-reduce
+
+        # --- end of epoch: test, log line, checkpoint (rank 0) --------------------------------------------------------
         snapshot = rng_state()
         record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr, "loss": loss_sum / steps_per_epoch,
                   "train_accuracy": 100 * correct / max(seen, 1)}
@@ -738,6 +771,8 @@ def run_finetune(cfg, device, run_dir):
     # --- results: best over epochs, last epoch, optional voting -----------------------------------------------------
     result = {"seed": cfg.seed, "fold": cfg.fold, **{f"best_{key}": value for key, value in best.items()},
               **{f"last_{key}": value for key, value in metrics.items()}}
+    if not is_main:
+        return result  # the metrics are rank 0's
     if cfg.vote and not segmentation:
         # NOTE(unspecified): voting reads the final model (not the best epoch's) with one seeded vote, no
         # best-of-many repetition; it is always reported under the name "voted".
@@ -828,8 +863,13 @@ def parse_list(text, name):
 def main(cfg):
     # --- setup: settings, data source, device, the runs (seeds x folds) ---------------------------------------
     check_config(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.eval_only or cfg.task == "svm"):
+        raise ValueError(f"--eval_only and --task svm train nothing, so they run as one process: use python "
+                         f"finetune.py, not torchrun with {os.environ['WORLD_SIZE']} processes.")
     cfg = dataclasses.replace(cfg, data=resolve_data(cfg))
-    device = select_device(cfg.device)
+    # One process: (0, 1, the --device). Under torchrun: this process's rank, the number of processes, its GPU.
+    rank, world_size, device = start_processes(cfg)
+    is_main = rank == 0  # rank 0 alone prints and writes
     seeds = parse_list(cfg.seeds, "seeds") if cfg.seeds else [cfg.seed]
     folds = (list(range(10)) if cfg.folds == "all" else parse_list(cfg.folds, "folds")) if cfg.folds else [cfg.fold]
     label_dir = os.path.join(cfg.out_dir, task_label(cfg) + ("_eval" if cfg.eval_only else ""))
@@ -842,18 +882,26 @@ def main(cfg):
                               f"command have one); a fresh run would replace its checkpoint and log. Pass --resume to "
                               f"continue (finished runs are read back), --overwrite to replace them, or another "
                               f"--out_dir.")
-    print(f"task {task_label(cfg)}, data {cfg.data} ({cfg.data_root or DATA_ROOTS[cfg.task]}), device {device}, "
-          f"bf16 {cfg.amp and device.type == 'cuda'}, {cfg.num_points} points -> {cfg.num_groups} groups of "
-          f"{cfg.group_size}, seeds {seeds}" + (f", folds {folds}" if cfg.task == "fewshot" else "")
-          + f", checkpoint {cfg.checkpoint or 'none (from scratch)'}, output {label_dir}")
+    if is_main:
+        print(f"task {task_label(cfg)}, data {cfg.data} ({cfg.data_root or DATA_ROOTS[cfg.task]}), device {device}, "
+              f"bf16 {cfg.amp and device.type == 'cuda'}, {cfg.num_points} points -> {cfg.num_groups} groups of "
+              f"{cfg.group_size}, seeds {seeds}" + (f", folds {folds}" if cfg.task == "fewshot" else "")
+              + f", checkpoint {cfg.checkpoint or 'none (from scratch)'}, output {label_dir}")
 
     # --- every run, then mean +- std over them ------------------------------------------------------------------
     results = []
     for seed, fold, run_dir in runs:
-        os.makedirs(run_dir, exist_ok=True)
+        if is_main:
+            os.makedirs(run_dir, exist_ok=True)
         run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
-        run = run_eval if cfg.eval_only else run_svm if cfg.task == "svm" else run_finetune
-        results.append(run(run_cfg, device, run_dir))
+        if cfg.eval_only:
+            results.append(run_eval(run_cfg, device, run_dir))
+        elif cfg.task == "svm":
+            results.append(run_svm(run_cfg, device, run_dir))
+        else:
+            results.append(run_finetune(run_cfg, device, run_dir, rank, world_size))
+    if not is_main:
+        return None  # rank 0 reports
     metrics = [key for key in results[0] if key not in ("seed", "fold", "best_epoch")
                and isinstance(results[0][key], float)]
     summary = {"task": task_label(cfg), "checkpoint": cfg.checkpoint, "eval_only": cfg.eval_only, "runs": results,
@@ -872,5 +920,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     config = build_config(sys.argv[1:])
-    print(json.dumps(dataclasses.asdict(config)))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the settings
+        print(json.dumps(dataclasses.asdict(config)))
     main(config)
+    stop_processes()  # leaves the process group main() joined under torchrun

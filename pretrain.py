@@ -18,6 +18,8 @@ Run:  python pretrain.py --epochs 300                    (paper configuration, S
       python pretrain.py --preset tiny --epochs 2         (a CPU smoke run on the built-in synthetic shapes)
       python pretrain.py --resume runs/pretrain/last.pth  (continue exactly where a run stopped, in that folder)
       python pretrain.py --init_from pretrain.pth         (start from Point-MAE's released encoder and decoder)
+      torchrun --nproc_per_node 4 pretrain.py             (4 GPUs, DistributedDataParallel: --batch_size stays the
+                                                           global batch, split evenly over the processes)
 A fresh run into a folder that holds a last.pth is refused unless --overwrite is given.
 Every hyperparameter is a field of `Config` below and a flag: `--lr=5e-4`, `--no-use_2d`, `--masking random`.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import datasets
@@ -43,6 +46,9 @@ import linear_probe
 import point_mae_checkpoints
 import synthetic
 from crossalignnet import CrossAlignNet
+import distributed
+from distributed import (OnlyTheLossBackward, rank_batches, seed_rank_generators, start_processes, summed_over_ranks,
+                         sync_batchnorm)
 from i2p_mae import I2PMAE, guided_masking, normalised_entropy
 from joint_mae import JointMAE
 from kat import FUSIONS, KATransformer
@@ -140,6 +146,8 @@ class Config:
     picture_every: int = 10         # write a reconstruction PNG every this many epochs (0: never)
     svm_every: int = 0              # linear probes (linear_probe.py) on synthetic shapes every N epochs (0: never)
     progress: bool = True           # tqdm progress bar
+    log_every: int = 50             # read the summed loss terms off the device every N steps and at epoch end (bar,
+                                    # non-finite check): no host sync at the other steps; NaN is caught <= N steps late
     preset: str = ""                # "tiny": a model and data small enough for a CPU smoke run in about a minute
 
 
@@ -478,11 +486,6 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def select_device(name):
-    """'auto' -> CUDA when available, else the CPU."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def rng_state():
     """Every random generator a run draws from, so that a resumed run continues exactly.
 
@@ -661,6 +664,7 @@ def check_config(cfg):
         (cfg.data in ("auto", "shapenet55", "synthetic"),
          f"--data must be 'auto', 'shapenet55' or 'synthetic', got {cfg.data!r}."),
         (cfg.method in METHODS, f"--method must be one of {METHODS}, got {cfg.method!r}."),
+        (cfg.log_every >= 1, f"--log_every must be at least 1 (read the losses every N steps), got {cfg.log_every}."),
         (cfg.method != "point_mae" or (not cfg.use_2d and cfg.masking == "random"),
          f"--method point_mae is --no-use_2d --masking random; got use_2d {cfg.use_2d}, masking {cfg.masking!r} "
          f"(use --method kr_mae to combine them otherwise)."),
@@ -733,20 +737,23 @@ def synthetic_probes(model, cfg, device, use_bf16, train_size=512, test_size=256
 
 
 def main(cfg):
-    # --- setup: settings, output folder, device, precision, seeds -------------------------------------------------
+    # --- setup: settings, processes, output folder, device, precision, seeds ----------------------------------------
     check_config(cfg)
+    # One process: (0, 1, the --device). Under torchrun: this process's rank, the number of processes, its GPU.
+    rank, world_size, device = start_processes(cfg)
+    is_main = rank == 0  # rank 0 alone prints, and writes the log, the pictures and the checkpoint
     checkpoint_path = os.path.join(cfg.out_dir, "last.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if not cfg.resume and not cfg.overwrite and os.path.isfile(checkpoint_path):
         raise FileExistsError(f"{cfg.out_dir!r} holds an earlier run ({checkpoint_path!r}); a fresh run would replace "
                               f"its checkpoint and log. Pass --resume {checkpoint_path} to continue it, --overwrite to "
                               f"replace it, or another --out_dir.")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if os.path.exists(f"{checkpoint_path}.tmp"):
-        os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
-    device = select_device(cfg.device)
+    if is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if os.path.exists(f"{checkpoint_path}.tmp"):
+            os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -756,12 +763,19 @@ def main(cfg):
     if steps_per_epoch == 0:
         raise ValueError(f"The dataset has {len(dataset)} shapes, fewer than one batch of {cfg.batch_size}.")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    print(f"device {device}, bf16 {use_bf16}, {len(dataset)} shapes, {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps, {num_visible_text(cfg)}")
+    local_batch_size = cfg.batch_size // world_size  # each rank's share of the global batch (start_processes checked)
+    if is_main:
+        print(f"device {device}, bf16 {use_bf16}, {len(dataset)} shapes, {steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps, {num_visible_text(cfg)}"
+              + (f", {world_size} processes of {local_batch_size} shapes a step" if world_size > 1 else ""))
 
     # --- model and optimizer --------------------------------------------------------------------------------------
-    model = build_model(cfg).to(device)
-    print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
+    model = build_model(cfg)
+    if world_size > 1:
+        model = sync_batchnorm(model, device)  # BatchNorm statistics over the global batch, as one process
+    model = model.to(device)
+    if is_main:
+        print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
     if cfg.init_from and not cfg.resume:  # a resumed run already holds what it loaded at its start
         initialise_from(model, cfg.init_from)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -771,69 +785,108 @@ def main(cfg):
 
     # Two fixed shapes for the reconstruction picture (drawn before resuming: reading may use the RNG).
     picture_points = torch.stack([dataset[i][0] for i in range(2)]).to(device)  # (2, N, 3), fixed shapes
-    print(f"method {cfg.method} ({'matched settings' if cfg.matched else 'its paper settings'}): {cfg.num_points} "
-          f"points, mask ratio {cfg.mask_ratio}, batch {cfg.batch_size}")
+    if is_main:
+        print(f"method {cfg.method} ({'matched settings' if cfg.matched else 'its paper settings'}): "
+              f"{cfg.num_points} points, mask ratio {cfg.mask_ratio}, batch {cfg.batch_size}")
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch = 0
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
-        load_trainable_state(model, checkpoint["model"])
+        load_trainable_state(model, checkpoint["model"])  # the un-wrapped model's names, whatever the world size
         optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
+        if world_size == 1:  # several ranks re-derive their generators at every epoch start (below)
+            set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
         changed = {name: (value, getattr(cfg, name)) for name, value in checkpoint["config"].items()
                    if name not in ("resume", "progress", "overwrite") and getattr(cfg, name, None) != value}
-        print(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f"; settings changed since: {changed}" if changed else ""))
+        if is_main:
+            print(f"resumed from {cfg.resume} at epoch {start_epoch}"
+                  + (f"; settings changed since: {changed}" if changed else ""))
+    # Under torchrun the step runs through DDP, which averages the gradients over the ranks during backward; the
+    # un-wrapped `model` serves everything else (pictures, probes, checkpoint). static_graph: the same parameters take
+    # part in every step, but not always all of them (the view selector without RVS, CrossAlignNet's GSA decoder at
+    # weight 0): DDP finds the unused ones once, at the first step, instead of searching the graph at every step.
+    # NOTE(unspecified): a loss that compares the shapes of a batch with each other sees this rank's share only:
+    # CrossAlignNet's InfoNCE contrasts batch_size / world_size shapes, one process the whole batch (the BatchNorms,
+    # synchronised, see the whole batch). Every other loss here is a mean over the shapes, the same either way.
+    train_model = (DistributedDataParallel(OnlyTheLossBackward(model), static_graph=True,
+                                           device_ids=[device.index] if device.type == "cuda" else None)
+                   if world_size > 1 else model)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = epoch_order(len(dataset), cfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        sums, started = {}, time.time()  # every scalar the model returns (loss terms, statistics), summed
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
+        if world_size > 1:
+            # NOTE(unspecified): with several processes each rank seeds torch, numpy and random from (seed, rank,
+            # epoch) at every epoch start, so its masks and augmentations are its own and an epoch's draws depend on
+            # nothing else: a resumed run continues exactly, at any world size, and the checkpoint's RNG state
+            # (rank 0's) is only read back by a single process. One process keeps one stream seeded once and saved
+            # in the checkpoint, as before.
+            seed_rank_generators(cfg.seed, rank, epoch)
+        order = epoch_order(len(dataset), cfg.seed, epoch)  # the same global order on every rank
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch_size,
+                                             sampler=rank_batches(order, cfg.batch_size, rank, world_size),
+                                             drop_last=True, num_workers=cfg.num_workers,
+                                             pin_memory=device.type == "cuda")
+        # Every scalar the model returns (loss terms, statistics), summed on the device since the epoch began, in
+        # float64 as Python's floats summed them before, so a single process logs the same numbers. Read off the
+        # device only every --log_every steps and at the end of the epoch: no host sync at the other steps.
+        sums, names, last_read_step, started = None, [], epoch * steps_per_epoch - 1, time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.progress or not is_main, leave=False)
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            points = batch[0].to(device, non_blocking=True)  # (B, N, 3)
+            points = batch[0].to(device, non_blocking=True)  # (B, N, 3), B = this rank's share of --batch_size
             if cfg.augment:  # Point-MAE: a random scale and translation per shape and axis
                 points = datasets.scale_and_translate(points)  # (B, N, 3)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(points)
+                out = train_model(points)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()  # under DDP: the gradients averaged over the ranks = those of the global batch
+            if cfg.grad_clip > 0:  # off by default: Point-MAE's pre-training does not clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if not torch.isfinite(grad_norm):  # a host sync per step, only with --grad_clip: skips a bad update
+                    raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not "
+                                             f"updated.")
+            optimizer.step()
             # Every scalar the model returns: loss, its terms loss_rec, loss_policy, loss_2d, ..., and statistics such
-            # as I2P-MAE's masking_entropy; one host sync per step for all of them (bar, log, check of every term).
+            # as I2P-MAE's masking_entropy.
             names = [name for name, value in out.items() if torch.is_tensor(value) and value.ndim == 0]
-            values = dict(zip(names, torch.stack([out[name].detach().float() for name in names]).tolist()))
-            if not all(math.isfinite(value) for name, value in values.items() if name.startswith("loss")):
+            terms = torch.stack([out[name].detach().float() for name in names]).double()  # (T,)
+            sums = terms if sums is None else sums + terms  # (T,)
+            if (batch_index + 1) % cfg.log_every and batch_index + 1 < steps_per_epoch:
+                continue
+            # --- every --log_every steps and at epoch end: read the sums (over all ranks), check, show ------------
+            # NOTE(unspecified): a non-finite loss is therefore caught up to --log_every steps late (a NaN or inf
+            # keeps the epoch's sum non-finite, so no step of the epoch escapes the check), and the weights may by
+            # then have taken that many bad steps. Nothing is written after it: checkpoints are written only at the
+            # end of an epoch, after this check, so the last good checkpoint stays as it was.
+            totals = dict(zip(names, summed_over_ranks(sums, world_size).tolist()))  # the one host sync
+            if not all(math.isfinite(value) for name, value in totals.items() if name.startswith("loss")):
                 if epoch > start_epoch or cfg.resume:  # this run has a checkpoint: this folder's, or the resumed one
                     last_good = checkpoint_path if epoch > start_epoch else cfg.resume
                     advice = f"The last good checkpoint {last_good!r} is untouched: resume from it with a lower --lr."
                 else:
                     advice = ("No checkpoint of this run was written yet (one is written at the end of every epoch): "
                               "lower --lr and start again.")
-                raise FloatingPointError(f"The loss became {values['loss']} at epoch {epoch}, step {step} (terms: "
-                                         f"{values}); stopping before it reaches the weights. {advice}")
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.grad_clip > 0:  # off by default: Point-MAE's pre-training does not clip
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"Non-finite gradient norm at epoch {epoch}, step {step}; weights not "
-                                             f"updated.")
-            optimizer.step()
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
-            bar.set_postfix(**{name.replace("loss_", ""): f"{value:.4f}" for name, value in values.items()},
-                            lr=f"{lr:.2e}")
+                raise FloatingPointError(f"A loss term became non-finite at epoch {epoch}, at a step from "
+                                         f"{last_read_step + 1} to {step} (the losses are read every --log_every "
+                                         f"{cfg.log_every} steps; sums over the epoch so far: {totals}); the weights "
+                                         f"may have taken up to {step - last_read_step} steps since, so nothing more "
+                                         f"is written. {advice}")
+            bar.set_postfix(**{name.replace("loss_", ""): f"{value / (batch_index + 1) / world_size:.4f}"
+                               for name, value in totals.items()}, lr=f"{lr:.2e}")  # the epoch's means so far
+            last_read_step = step
 
-        # --- end of epoch: log line, checkpoint, picture, optional SVM --------------------------------------------
-        record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
-                  **{name: value / steps_per_epoch for name, value in sums.items()},
+        # --- end of epoch: log line, checkpoint, picture, optional SVM (rank 0) -----------------------------------
+        record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr,  # means over steps and ranks
+                  **{name: value / steps_per_epoch / world_size for name, value in totals.items()},
                   "seconds": round(time.time() - started, 2)}
+        if not is_main:
+            continue  # the other ranks go on to the next epoch; their first all-reduce there waits for rank 0
         snapshot = rng_state()  # the probes and the picture below must not change the training's random stream
         if cfg.svm_every and (epoch + 1) % cfg.svm_every == 0:
             record.update(synthetic_probes(model, cfg, device, use_bf16))  # accuracies in %, as finetune.py
@@ -871,5 +924,7 @@ def num_visible_text(cfg):
 
 if __name__ == "__main__":
     config = build_config(sys.argv[1:])
-    print(json.dumps(dataclasses.asdict(config)))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one copy of the settings
+        print(json.dumps(dataclasses.asdict(config)))
     main(config)
+    distributed.stop_processes()  # leaves the process group main() joined under torchrun
