@@ -289,6 +289,12 @@ def load_pretrained(model, path, cfg, whole_model=False):
     the head starts fresh, and that is said. whole_model=True (--eval_only) requires every tensor of the model.
     Counts the weights do not show (the number of heads) come from the flags. Returns True when the head loaded."""
     layout, state, saved = point_mae_checkpoints.project_state(load_checkpoint(path), path)
+    if whole_model and "task" in saved:  # --eval_only of a run of ours: the model and test set it was tested on
+        differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in EVAL_SETTINGS
+                     if name in saved and saved[name] != getattr(cfg, name)]
+        if differing:
+            raise ValueError(f"{path!r} was fine-tuned with other settings than this command: "
+                             f"{'; '.join(differing)}. Pass its settings to evaluate it.")
     encoder = encoder_state_dict(state)
     if not encoder:
         raise ValueError(f"Checkpoint {path!r} ({layout} layout) holds no parameter starting with {ENCODER_PREFIXES}; "
@@ -790,14 +796,6 @@ def run_eval(cfg, device, run_dir):
     back the metrics that run logged at its last epoch; classification adds Point-MAE's voting, seeded as a run's."""
     use_bf16 = cfg.amp and device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict) and "task" in checkpoint["config"]:  # a fine-tuned run of ours
-        saved = checkpoint["config"]
-        differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in EVAL_SETTINGS
-                     if name in saved and saved[name] != getattr(cfg, name)]
-        if differing:
-            raise ValueError(f"{cfg.checkpoint!r} was fine-tuned with other settings than this command: "
-                             f"{'; '.join(differing)}. Pass its settings to evaluate it.")
     sets = build_datasets(cfg)
     model = build_model(cfg, sets, whole_model=True).to(device)
     test_loader = torch.utils.data.DataLoader(sets["test"], batch_size=cfg.batch_size, shuffle=False,
