@@ -217,8 +217,8 @@ class CLIPTeacher(nn.Module):
             visual = load_clip_tower(clip_model)
         # The training script leaves a pre-trained tower out of its checkpoints (a random one is saved).
         self.visual_is_pretrained = random_tower is None
-        # NOTE(deviation): the official code runs CLIP in fp16; we keep fp32 weights (bf16 under the caller's autocast
-        # on CUDA, fp32 on the CPU), as this codebase's other CLIP tower.
+        # NOTE(deviation): the official code runs CLIP in fp16; we keep fp32 weights, which the training script stores
+        # in bf16 when it runs under bf16 autocast (pretrain.cast_frozen_towers, CLIP's recipe), as the other tower.
         self.visual = visual.float().eval().requires_grad_(False)
         patch_size = self.visual.conv1.kernel_size[0]
         if image_size % patch_size != 0:

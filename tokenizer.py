@@ -6,6 +6,8 @@ Turns a point cloud into 3-D tokens and its rendered views into 2-D tokens of th
            The centres' positional embedding (CenterEmbedding) is added later, by the transformer, at every block.
   Eq. (2): E_2D^i = ViT(m_i): a frozen CLIP ViT reads each view; we keep all P last-layer patch tokens, map them
            to width D with a learnable Linear and add a learnable 2-D positional embedding.
+           The tower's residual blocks are written out batch first (tower_block, bit for bit clip's own blocks in
+           float32); under bf16 autocast the training script stores its matrices in bf16 once (cast_frozen_tower).
 
 The file is named tokenizer.py, not tokenize.py: a tokenize.py at the repository root would shadow the standard
 library's `tokenize` module and break `import torch` from there.
@@ -245,6 +247,82 @@ def interpolate_positional_embedding(table, grid_size):
     return torch.cat([class_position.float(), patch_positions], dim=0)  # (1 + grid^2, C)
 
 
+def cast_frozen_tower(visual, dtype):
+    """Store a frozen CLIP image tower's matrices in `dtype` (e.g. torch.bfloat16), once, in place; returns `visual`.
+
+    CLIP's own recipe (clip.model.convert_weights, which does the same in float16): the weights and biases of every
+    Conv and Linear (conv1, the blocks' mlp.c_fc, mlp.c_proj and attn.out_proj), the attention's packed in_proj_weight
+    and in_proj_bias, and the output matrix `proj`. The LayerNorms, class_embedding and positional_embedding stay
+    float32. The tower then runs in `dtype` (run_tower, run_tower_with_attention follow conv1's dtype), and bf16
+    autocast no longer re-casts the frozen weights at every call (autocast caches only casts of weights that
+    require grad). The training script calls this once, when it turns bf16 autocast on.
+    NOTE(unspecified): the papers do not say in which precision the frozen tower runs; under bf16 autocast we store
+    its matrices in bf16 (CLIP's recipe, which CLIP applies in float16; bf16 keeps float32's range), which gives
+    the same error against the float32 tower as casting them under autocast at every call."""
+    for module in visual.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):  # attn.out_proj is a Linear too
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+        if isinstance(module, nn.MultiheadAttention):
+            # CLIP's list; only in_proj_weight and in_proj_bias exist in its towers (one packed projection).
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                         "bias_k", "bias_v"):
+                tensor = getattr(module, name)
+                if tensor is not None:
+                    tensor.data = tensor.data.to(dtype)
+    if visual.proj is not None:
+        visual.proj.data = visual.proj.data.to(dtype)
+    return visual
+
+
+def tower_block(block, x, return_class_attention=False):
+    """One residual block of CLIP's image tower (clip.model.ResidualAttentionBlock), written out, batch first:
+    x (M, 1 + P, C) -> (M, 1 + P, C), computed in x's dtype (the caller's: the dtype of the tower's matrices).
+
+        x = x + out_proj(MHA(ln_1(x)))               MHA: one packed q, k, v projection, softmax(q k^T / sqrt(d)) v
+        x = x + c_proj(QuickGELU(c_fc(ln_2(x))))     QuickGELU(h) = h * sigmoid(1.702 h)
+
+    The stock block runs nn.MultiheadAttention sequence first, (1 + P, M, C), which copies the packed q, k and v
+    and the attention output around the same scaled_dot_product_attention call; here q, k and v are views of one
+    Linear's output. In float32 the result is bit for bit the stock block's (tests: torch.equal).
+    return_class_attention=True also returns row 0 (the class token's query) of the attention weights, averaged
+    over the heads, over the P patch keys: (M, P) float32.
+    """
+    attention = block.attn
+    batch_size, length, width = x.shape  # length = 1 + P
+    num_heads = attention.num_heads
+    head_dim = width // num_heads  # d = C / heads: 64 in ViT-B/16
+    # ---- attention half: x = x + out_proj(MHA(ln_1(x)))
+    # x's dtype with float32 weight and bias: F.layer_norm accepts that mix (the CPU too) and computes the
+    # statistics in float32, so in bf16 it equals clip's LayerNorm (a float32 copy of x, normalised, cast back)
+    # value for value (checked on the CPU), without the two copies.
+    y = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)  # (M, 1 + P, C)
+    # in_proj_weight is nn.MultiheadAttention's packed [W_q; W_k; W_v] (3C, C): one GEMM for all three.
+    qkv = F.linear(y, attention.in_proj_weight, attention.in_proj_bias)  # (M, 1 + P, 3C)
+    qkv = qkv.view(batch_size, length, 3, num_heads, head_dim)  # (M, 1 + P, 3, heads, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (M, heads, 1 + P, d): views, no copy
+    # CLIP's image tower has no attention mask (only its text tower's is causal) and no dropout at inference.
+    attended = F.scaled_dot_product_attention(q, k, v)  # (M, heads, 1 + P, d)
+    attended = attended.transpose(1, 2).reshape(batch_size, length, width)  # (M, 1 + P, C): heads concatenated
+    x = x + F.linear(attended, attention.out_proj.weight, attention.out_proj.bias)  # (M, 1 + P, C)
+    # ---- MLP half: x = x + c_proj(QuickGELU(c_fc(ln_2(x))))
+    y = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)  # (M, 1 + P, C)
+    hidden = F.linear(y, block.mlp.c_fc.weight, block.mlp.c_fc.bias)  # (M, 1 + P, 4C)
+    # QuickGELU, clip.model.QuickGELU's definition (the sigmoid approximation of GELU CLIP was trained with).
+    hidden = hidden * torch.sigmoid(1.702 * hidden)  # (M, 1 + P, 4C)
+    x = x + F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)  # (M, 1 + P, C)
+    if not return_class_attention:
+        return x
+    # ---- the weights SDPA does not return, for the class token's query only (cheap: one row per head).
+    # NOTE(deviation): I2P-MAE's official code takes this map from its float16 tower; we compute this one row in
+    # float32 from the tower's q and k (scaled first, as nn.MultiheadAttention does), so that under bf16 the
+    # saliency is not rounded to bf16's 8 significant bits. In float32 it is nn.MultiheadAttention's map to ~1e-8.
+    scores = (q[:, :, :1].float() * head_dim ** -0.5) @ k.float().transpose(-2, -1)  # (M, heads, 1, 1 + P)
+    class_attention = scores.softmax(dim=-1).mean(dim=1)  # (M, 1, 1 + P): averaged over the heads
+    return x, class_attention[:, 0, 1:]  # (M, 1 + P, C), (M, P): patch keys only
+
+
 class ImagePatchTokenizer(nn.Module):
     """Eq. (2): images (B, V, 3, H, W) in [0, 1] -> 2-D tokens (B, V, P, D) from a frozen CLIP ViT's patch tokens."""
 
@@ -292,26 +370,14 @@ class ImagePatchTokenizer(nn.Module):
         return self
 
     def run_tower(self, images):
-        """CLIP's visual forward up to ln_post, keeping ALL tokens: normalised (M, 3, H, W) -> (M, 1 + P, C)."""
-        visual = self.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (M, C, H/16, W/16)
-        x = x.flatten(2).transpose(1, 2)  # (M, P, C)
-        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (M, 1, C)
-        x = torch.cat([class_token, x], dim=1)  # (M, 1 + P, C)
-        x = x + self.tower_positional_embedding.to(x.dtype)  # (M, 1 + P, C)
-        x = visual.ln_pre(x)
-        # clip-anytorch's blocks use nn.MultiheadAttention with batch_first=False: sequence first, (1 + P, M, C).
-        sequence_first = not getattr(visual.transformer.resblocks[0].attn, "batch_first", False)
-        if sequence_first:
-            x = visual.transformer(x.transpose(0, 1)).transpose(0, 1)  # (M, 1 + P, C)
-        else:
-            x = visual.transformer(x)  # (M, 1 + P, C)
-        return visual.ln_post(x)  # (M, 1 + P, C)
+        """CLIP's visual forward up to ln_post, keeping ALL tokens: normalised (M, 3, H, W) -> (M, 1 + P, C), in the
+        dtype of the tower's matrices (float32, or bf16 after cast_frozen_tower): run_clip_tower."""
+        return run_clip_tower(self.visual, images, self.tower_positional_embedding)
 
     def forward(self, images, return_attention=False):
         """images (B, V, 3, H, W) -> tokens (B, V, P, D); return_attention=True also returns the class token's
         last-layer attention over the patches (B, V, P) (run_tower_with_attention: I2P-MAE's saliency, for
-        pretrain.py's --masking saliency); the tokens are then those of the hand-run last block (equal to 1e-6)."""
+        pretrain.py's --masking saliency); the patch features are the same either way (the same tower_block walk)."""
         batch_size, num_views, channels, height, width = images.shape
         if channels != 3 or height != self.image_size or width != self.image_size:
             raise ValueError(f"Expected images (B, V, 3, {self.image_size}, {self.image_size}); "
@@ -326,12 +392,48 @@ class ImagePatchTokenizer(nn.Module):
                 patch_tokens = patch_tokens.to(x.dtype)  # (B*V, P, C), attention (B*V, P)
             else:
                 patch_tokens = self.run_tower(x)[:, 1:]  # (B*V, P, C): class token dropped
+        if not torch.is_autocast_enabled(x.device.type):  # a bf16 tower's output, used without autocast
+            patch_tokens = patch_tokens.to(self.proj.weight.dtype)  # (B*V, P, C)
         tokens = self.proj(patch_tokens)  # (B*V, P, D)  Eq. (2)
         tokens = tokens.reshape(batch_size, num_views, self.num_patches, -1)  # (B, V, P, D)
         tokens = tokens + self.pos_embed  # (B, V, P, D)  Eq. (2) with learnable positions
         if return_attention:
             return tokens, attention.reshape(batch_size, num_views, self.num_patches)  # (B, V, P, D), (B, V, P)
         return tokens
+
+
+def run_clip_tower(visual, images, positional_embedding=None, return_class_attention=False):
+    """CLIP's visual forward up to ln_post, keeping ALL tokens: normalised images (M, 3, H, W) -> (M, 1 + P, C).
+
+    visual: clip-anytorch's VisionTransformer (load_clip_tower, or build_random_tower). It runs in the dtype of the
+    tower's matrices (float32, or bf16 after cast_frozen_tower) and returns that dtype, with the caller's autocast
+    switched off inside: a float32 tower gives float32 results under bf16 autocast too, and a bf16 tower's
+    LayerNorms are not round-tripped through float32 nor its weights re-cast at every call. The caller decides on
+    torch.no_grad. positional_embedding (1 + P, C) overrides the tower's table, which is otherwise resampled to the
+    image's grid here (interpolate_positional_embedding; unchanged at the native size).
+    return_class_attention=True also returns the last block's class-token attention over the patches (M, P) float32
+    (tower_block)."""
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (M, C, H/16, W/16)
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"Expected square images, found {tuple(images.shape)}.")
+        if positional_embedding is None:
+            positional_embedding = interpolate_positional_embedding(visual.positional_embedding.detach(),
+                                                                    x.shape[-1])  # (1 + P, C)
+        x = x.flatten(2).transpose(1, 2)  # (M, P, C)
+        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (M, 1, C)
+        x = torch.cat([class_token, x], dim=1)  # (M, 1 + P, C)
+        x = x + positional_embedding.to(x.dtype)  # (M, 1 + P, C)
+        # ln_pre and ln_post stay clip's LayerNorm modules (float32 inside, x's dtype out): once per image each.
+        x = visual.ln_pre(x)  # (M, 1 + P, C)
+        blocks = visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = tower_block(block, x)  # (M, 1 + P, C)
+        if not return_class_attention:
+            return visual.ln_post(tower_block(blocks[-1], x))  # (M, 1 + P, C)
+        # The last block also returns the class token's attention row (in float32, see tower_block).
+        x, class_attention = tower_block(blocks[-1], x, return_class_attention=True)  # (M, 1 + P, C), (M, P)
+        return visual.ln_post(x), class_attention  # (M, 1 + P, C), (M, P)
 
 
 def run_tower_with_attention(visual, images, project=True, positional_embedding=None):
@@ -342,47 +444,17 @@ def run_tower_with_attention(visual, images, project=True, positional_embedding=
     Returns patch_features (M, P, C) float32: ln_post(x)[patches], times `proj` when project=True (C = the tower's
     output width, 512 for ViT-B/16; otherwise its own width, 768), and class_attention (M, P) float32: row 0 (the
     class token) of the LAST block's attention, averaged over heads, over the P patch keys (row-major grid order).
-    Each row sums to 1 minus the class token's attention to itself, so at most 1.
+    Each row sums to 1 minus the class token's attention to itself, so at most 1 (as I2P-MAE's modified CLIP).
 
-    The forward is ImagePatchTokenizer.run_tower's, except that the last residual block runs by hand, because the
-    stock block asks its attention for no weights: y = ln_1(x), (a, W) = attn(y, y, y) with the weights averaged over
-    heads, x = x + a, x = x + mlp(ln_2(x)) (as I2P-MAE's modified CLIP, which returns the same W). The caller
-    decides on torch.no_grad and autocast; positional_embedding (1 + P, C) overrides the tower's table, which is
-    otherwise resampled to the image's grid here (interpolate_positional_embedding; unchanged at the native size).
+    The forward is run_clip_tower's (the same as ImagePatchTokenizer.run_tower), its last block also returning the
+    class token's attention row; positional_embedding as there. The caller decides on torch.no_grad.
     """
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (M, C, H/16, W/16)
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"Expected square images, found {tuple(images.shape)}.")
-    if positional_embedding is None:
-        positional_embedding = interpolate_positional_embedding(visual.positional_embedding.detach(), x.shape[-1])
-    x = x.flatten(2).transpose(1, 2)  # (M, P, C)
-    class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (M, 1, C)
-    x = torch.cat([class_token, x], dim=1)  # (M, 1 + P, C)
-    x = x + positional_embedding.to(x.dtype)  # (M, 1 + P, C)
-    x = visual.ln_pre(x)
-    blocks = visual.transformer.resblocks
-    # clip-anytorch's blocks use nn.MultiheadAttention with batch_first=False: sequence first, (1 + P, M, C).
-    sequence_first = not getattr(blocks[0].attn, "batch_first", False)
-    if sequence_first:
-        x = x.transpose(0, 1)  # (1 + P, M, C)
-    for block in blocks[:-1]:
-        x = block(x)
-    last = blocks[-1]
-    y = last.ln_1(x)
-    attn_mask = getattr(last, "attn_mask", None)  # None in CLIP's image tower; sliced as the stock block does
-    if attn_mask is not None:
-        attn_mask = attn_mask[..., -y.shape[0]:, -y.shape[0]:].to(dtype=y.dtype, device=y.device)
-    attended, weights = last.attn(y, y, y, need_weights=True, average_attn_weights=True,
-                                  attn_mask=attn_mask)  # attended like x, weights (M, 1 + P, 1 + P)
-    x = x + attended
-    x = x + last.mlp(last.ln_2(x))
-    if sequence_first:
-        x = x.transpose(0, 1)  # (M, 1 + P, C)
-    patch_features = visual.ln_post(x[:, 1:])  # (M, P, C)
+    tokens, class_attention = run_clip_tower(visual, images, positional_embedding, return_class_attention=True)
+    patch_features = tokens[:, 1:]  # (M, P, C): class token dropped
     if project and visual.proj is not None:
-        patch_features = patch_features @ visual.proj.to(patch_features.dtype)  # (M, P, C_out)
-    class_attention = weights[:, 0, 1:]  # (M, P): the class token's query row, patch keys only
-    return patch_features.float(), class_attention.float()
+        with torch.autocast(device_type=images.device.type, enabled=False):  # in the tower's dtype, as the tower
+            patch_features = patch_features @ visual.proj.to(patch_features.dtype)  # (M, P, C_out)
+    return patch_features.float(), class_attention  # (M, P, C_out), (M, P)
 
 
 # ---------------------------------------------------------------- demo

@@ -1,4 +1,5 @@
 """Tests for tokenizer.py: FPS and KNN against slow references, grouping invariants, the frozen 2-D tower."""
+import copy
 import math
 
 import numpy as np
@@ -316,3 +317,130 @@ def test_run_tower_with_attention_resamples_positions_for_another_image_size():
         features, attention = tokenizer.run_tower_with_attention(visual, torch.randn(2, 3, 64, 64), project=False)
     assert features.shape == (2, 16, 64) and attention.shape == (2, 16)
     assert visual.positional_embedding.shape == (197, 64)  # the tower itself is left as it was
+
+
+# ---------------------------------------------------------------- the written-out tower blocks and the bf16 tower
+HEADS_TOWER = dict(width=64, layers=2, heads=4, patch_size=16)  # 4 heads of 16 channels
+
+
+def random_tower_tokenizer(seed):
+    """An ImagePatchTokenizer on a random tower whose biases and LayerNorm weights are random too: CLIP's
+    initialisation leaves them at 0 and 1, where a missing bias or a swapped LayerNorm would go unnoticed."""
+    torch.manual_seed(seed)
+    model = tokenizer.ImagePatchTokenizer(dim=32, image_size=112, random_tower=HEADS_TOWER)
+    with torch.no_grad():
+        for name, parameter in model.visual.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+            elif ".ln_" in name or name.startswith("ln_"):
+                parameter.normal_(1.0, 0.1)
+    return model
+
+
+def stock_tower(visual, images):
+    """clip's own module forward up to ln_post, all tokens, (M, 1 + P, C): the sequence-first walk through
+    visual.transformer that run_tower made before its blocks were written out (at the tower's native size)."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (M, P, C)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (M, 1 + P, C)
+    x = visual.ln_pre(x + visual.positional_embedding.to(x.dtype))
+    x = visual.transformer(x.transpose(0, 1)).transpose(0, 1)  # sequence first through the stock blocks
+    return visual.ln_post(x)  # (M, 1 + P, C)
+
+
+def test_tower_blocks_reproduce_clips_module_forward_bit_for_bit():
+    model = random_tower_tokenizer(seed=0)
+    visual = model.visual
+    images = torch.rand(5, 3, 112, 112)
+    with torch.no_grad():
+        # The blocks alone, on (M, 1 + P, C) inputs: exactly the stock blocks (measured max difference 0.0).
+        x = torch.randn(5, 50, 64)
+        hand = x
+        for block in visual.transformer.resblocks:
+            hand = tokenizer.tower_block(block, hand)
+        stock = visual.transformer(x.transpose(0, 1)).transpose(0, 1)
+        assert torch.equal(hand, stock)
+        # The whole tower, and CLIP's own forward on the class token (ln_post(class) @ proj).
+        tokens = model.run_tower(images)  # (M, 1 + P, C)
+        assert tokens.dtype == torch.float32 and torch.equal(tokens, stock_tower(visual, images))
+        assert torch.equal(tokens[:, 0] @ visual.proj, visual(images))
+        # run_tower_with_attention walks the same blocks: the same patch features.
+        features, _ = tokenizer.run_tower_with_attention(visual, images, project=False,
+                                                         positional_embedding=model.tower_positional_embedding)
+        assert torch.equal(features, tokens[:, 1:])
+
+
+def test_cast_frozen_tower_follows_clips_recipe_and_keeps_the_bf16_error_of_autocast():
+    model = random_tower_tokenizer(seed=1)
+    images = torch.rand(6, 3, 112, 112)
+    with torch.no_grad():
+        reference = model.run_tower(images)  # (M, 1 + P, C) float32
+        _, reference_attention = tokenizer.run_tower_with_attention(
+            model.visual, images, positional_embedding=model.tower_positional_embedding)  # (M, P)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            autocast_output = stock_tower(model.visual, images)  # the previous path: weights cast at every call
+    # CLIP's own recipe, which casts to float16, on a copy: the same parameters must change dtype.
+    clips_recipe = copy.deepcopy(model.visual)
+    tokenizer.import_clip().model.convert_weights(clips_recipe)
+    clips_dtypes = {name: parameter.dtype for name, parameter in clips_recipe.named_parameters()}
+    assert tokenizer.cast_frozen_tower(model.visual, torch.bfloat16) is model.visual
+    matrices = ("conv1.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                "attn.out_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+    cast = []
+    for name, parameter in model.visual.named_parameters():
+        expected_cast = name == "proj" or name.endswith(matrices)
+        assert parameter.dtype == (torch.bfloat16 if expected_cast else torch.float32), name
+        assert (clips_dtypes[name] == torch.float16) == expected_cast, name
+        cast.append(expected_cast)
+    # conv1 and proj, and 8 per block; LayerNorms (ln_pre, ln_post, 2 per block), class and positional embedding.
+    assert sum(cast) == 2 + 8 * 2 and len(cast) - sum(cast) == 2 + 2 * 2 + 2 * 2 * 2
+    with torch.no_grad():
+        output = model.run_tower(images)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            output_under_autocast = model.run_tower(images)
+            tokens = model(images.view(2, 3, 3, 112, 112))  # the proj Linear takes the tower's bf16
+            tokens_with_attention, _ = model(images.view(2, 3, 3, 112, 112), return_attention=True)
+        features, attention = tokenizer.run_tower_with_attention(
+            model.visual, images, positional_embedding=model.tower_positional_embedding)
+    assert output.dtype == torch.bfloat16 and torch.equal(output, output_under_autocast)
+    assert tokens.shape == (2, 3, 49, 32)
+    # The same patch features either way; only proj's bf16 GEMM may round differently (CPU: a strided slice
+    # [:, 1:] against a contiguous tensor), hence bf16's tolerance.
+    torch.testing.assert_close(tokens, tokens_with_attention, atol=1e-2, rtol=1e-2)
+    # Against the float32 tower, the bf16 tower errs as much as autocast did (measured here, torch 2.14 CPU: max
+    # 0.0422 and mean 4.19e-3 for both); the factor 1.1 leaves room for other bf16 kernels' rounding.
+    error = (output.float() - reference).abs()
+    autocast_error = (autocast_output.float() - reference).abs()
+    assert 0 < error.max() <= 1.1 * autocast_error.max()
+    assert error.mean() <= 1.1 * autocast_error.mean()
+    # The class-token attention stays float32 and near the float32 tower's (measured max difference 1.1e-4;
+    # under autocast it was 1.5e-4).
+    assert features.dtype == attention.dtype == torch.float32
+    torch.testing.assert_close(attention, reference_attention, atol=1e-3, rtol=0)
+
+
+def test_autocast_is_off_inside_the_tower():
+    # A float32 tower under bf16 autocast runs in float32: the same values as with autocast off, exactly.
+    model = random_tower_tokenizer(seed=2)
+    images = torch.rand(4, 3, 112, 112)
+    with torch.no_grad():
+        expected = model.run_tower(images)
+        expected_features, expected_attention = tokenizer.run_tower_with_attention(model.visual, images)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            found = model.run_tower(images)
+            features, attention = tokenizer.run_tower_with_attention(model.visual, images)
+    assert found.dtype == torch.float32 and torch.equal(found, expected)
+    assert torch.equal(features, expected_features) and torch.equal(attention, expected_attention)
+
+
+def test_a_bf16_tower_feeds_the_float32_projection_outside_autocast():
+    # Probes and pictures may call the tokenizer without autocast: the bf16 tower's output is then cast to the
+    # projection's dtype (before: "expected both operands of the same dtype").
+    model = random_tower_tokenizer(seed=3)
+    images = torch.rand(1, 2, 3, 112, 112)
+    tokenizer.cast_frozen_tower(model.visual, torch.bfloat16)
+    with torch.no_grad():
+        tokens = model(images)  # (1, 2, 49, 32)
+        normalised = (images.flatten(0, 1) - model.image_mean) / model.image_std  # CLIP's normalisation
+        expected = model.proj(model.run_tower(normalised)[:, 1:].float()) + model.pos_embed.squeeze(0)
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens[0], expected, atol=1e-6, rtol=1e-6)  # a GEMM on another memory layout
