@@ -77,12 +77,17 @@ class KeyPartAttention(nn.Module):
         keys, values = F.linear(tokens_2d, self.qkv.weight[self.dim:]).chunk(2, dim=-1)  # 2 x (B, S, M, D)
         return self._split_heads(keys), self._split_heads(values)  # 2 x (B, S, h, M, D/h)
 
+    @staticmethod
+    def _check_pma_aligned(tokens_2d, num_visible):
+        """Without align_mask the alignment is PMA's: 3-D token i <-> 2-D token i of every view, Eq. (14)."""
+        if tokens_2d.shape[2] != num_visible:
+            raise ValueError(f"Without align_mask the 2-D tokens must be PMA-aligned (M == Gv), but got "
+                             f"M={tokens_2d.shape[2]} 2-D tokens per view for Gv={num_visible} 3-D tokens.")
+
     def _alignment_mask(self, align_mask, tokens_2d, num_visible):
         batch, views, count = tokens_2d.shape[:3]
         if align_mask is None:  # PMA alignment: 3-D token i <-> 2-D token i of every view, Eq. (14)
-            if count != num_visible:
-                raise ValueError(f"Without align_mask the 2-D tokens must be PMA-aligned (M == Gv), but got "
-                                 f"M={count} 2-D tokens per view for Gv={num_visible} 3-D tokens.")
+            self._check_pma_aligned(tokens_2d, num_visible)
             identity = torch.eye(num_visible, dtype=torch.bool, device=tokens_2d.device)  # (Gv, Gv)
             return identity.expand(batch, views, num_visible, num_visible)  # (B, S, Gv, M)
         if align_mask.shape != (batch, views, num_visible, count) or align_mask.dtype != torch.bool:
@@ -117,7 +122,7 @@ class KeyPartAttention(nn.Module):
             # view; a softmax over one entry is 1, so T_cross^s[i] = V_2D^s[i] exactly (no Gv x Gv matrix).
             # W_V is linear without bias, so sum_s (E_2D^s W_V) = (sum_s E_2D^s) W_V: one projection.
             # Consequence: W_Q and W_K get no gradient from the cross term in this mode, only W_V does.
-            self._alignment_mask(None, tokens_2d, num_visible)  # shape check only
+            self._check_pma_aligned(tokens_2d, num_visible)
             return F.linear(tokens_2d.sum(1), self.qkv.weight[2 * self.dim :])  # Eq. (14)  (B, Gv, D)
         keys, values = self._keys_values_2d(tokens_2d)  # 2 x (B, S, h, M, D/h)
         if self.fusion == "aligned" and self.mask_mode == "hadamard":
@@ -141,7 +146,7 @@ class KeyPartAttention(nn.Module):
     def _aligned_mean(self, tokens_2d, align_mask, num_visible):
         """Mean of the 2-D tokens aligned with each 3-D token over all views and patches  (B, Gv, D)."""
         if align_mask is None:  # PMA-aligned tokens: the mean over views of token i
-            self._alignment_mask(None, tokens_2d, num_visible)  # shape check only
+            self._check_pma_aligned(tokens_2d, num_visible)
             return tokens_2d.mean(1)  # (B, Gv, D)
         weights = self._alignment_mask(align_mask, tokens_2d, num_visible).to(tokens_2d.dtype)  # (B, S, Gv, M)
         total = torch.einsum("bsgm,bsmd->bgd", weights, tokens_2d)  # (B, Gv, D)

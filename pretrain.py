@@ -55,6 +55,7 @@ from kat import FUSIONS, KATransformer
 from masking import ReinforcedMasking, align_patches, gather_tokens, random_masking, reinforce_loss
 from render import MultiViewRenderer, pixels_to_patches
 from rvs import ReliableViewSelector
+import tokenizer
 from tokenizer import CenterEmbedding, ImagePatchTokenizer, PointTokenizer
 
 
@@ -141,7 +142,9 @@ class Config:
     seed: int = 0
     device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
     amp: bool = True                # bf16 autocast on CUDA (ignored on the CPU)
-    compile: bool = False           # torch.compile the encoder and decoder
+    compile: bool = False           # torch.compile the whole model (forward and backward) for the training step
+    compile_mode: str = "default"   # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs) or
+                                    # "max-autotune" (CUDA graphs and searched GEMM kernels)
     num_workers: int = 4            # DataLoader workers
     picture_every: int = 10         # write a reconstruction PNG every this many epochs (0: never)
     svm_every: int = 0              # linear probes (linear_probe.py) on synthetic shapes every N epochs (0: never)
@@ -486,6 +489,33 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model, cfg, device):
+    """Point-MAE's AdamW. On CUDA the fused implementation: one kernel for all parameters instead of a loop of
+    per-tensor kernels and a host read of every parameter's step counter; the same update rule (its last bits may
+    differ from the loop's)."""
+    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
+
+
+def cast_frozen_towers(model, dtype):
+    """Store the frozen CLIP towers' matrices in `dtype` once (CLIP's own recipe, tokenizer.cast_frozen_tower), so
+    that under bf16 autocast they are not re-cast at every call: KR-MAE's `tokenizer_2d.visual`, I2P-MAE's
+    `teacher.visual`. Their outputs change only by the rounding that autocast already applied to them."""
+    for name in ("tokenizer_2d", "teacher"):
+        visual = getattr(getattr(model, name, None), "visual", None)
+        if visual is not None:
+            tokenizer.cast_frozen_tower(visual, dtype)
+
+
+def compile_model(model, cfg):
+    """What the training step calls: the model itself, or with --compile the whole model through torch.compile, whose
+    forward graph (one graph, no breaks, for every method) and the backward built from it are compiled together.
+    The optimizer stays outside (fused on CUDA). The weights are shared, so checkpoints, pictures and probes go on
+    using `model` itself (its state-dict names carry no `_orig_mod.` prefix)."""
+    if not cfg.compile:
+        return model
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
 def rng_state():
     """Every random generator a run draws from, so that a resumed run continues exactly.
 
@@ -778,10 +808,9 @@ def main(cfg):
         print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M")
     if cfg.init_from and not cfg.resume:  # a resumed run already holds what it loaded at its start
         initialise_from(model, cfg.init_from)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
-    if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+    if use_bf16:
+        cast_frozen_towers(model, torch.bfloat16)
+    optimizer = make_optimizer(model, cfg, device)
 
     # Two fixed shapes for the reconstruction picture (drawn before resuming: reading may use the RNG).
     picture_points = torch.stack([dataset[i][0] for i in range(2)]).to(device)  # (2, N, 3), fixed shapes
@@ -813,6 +842,7 @@ def main(cfg):
     train_model = (DistributedDataParallel(OnlyTheLossBackward(model), static_graph=True,
                                            device_ids=[device.index] if device.type == "cuda" else None)
                    if world_size > 1 else model)
+    train_model = compile_model(train_model, cfg)  # --compile: after DDP, which then splits the graph at its buckets
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):

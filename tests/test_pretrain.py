@@ -334,3 +334,20 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides):
         pretrain.main(small(tmp_path / "run", **overrides))
     assert str(value) in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_cast_frozen_towers_casts_only_the_frozen_towers_and_make_optimizer_fuses_on_cuda():
+    for method in ("kr_mae", "i2p_mae"):
+        model = pretrain.build_model(pretrain.build_config(["--preset", "tiny", "--method", method]))
+        pretrain.cast_frozen_towers(model, torch.bfloat16)
+        tower = model.tokenizer_2d.visual if method == "kr_mae" else model.teacher.visual
+        assert tower.conv1.weight.dtype == tower.proj.dtype == torch.bfloat16
+        assert tower.ln_pre.weight.dtype == torch.float32  # CLIP's recipe keeps the LayerNorms
+        # Everything that trains stays float32 (AdamW's master weights).
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    cfg = pretrain.build_config(["--preset", "tiny", "--no-use_2d"])
+    model = pretrain.build_model(cfg)
+    pretrain.cast_frozen_towers(model, torch.bfloat16)  # no tower: nothing to do
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert pretrain.make_optimizer(model, cfg, torch.device("cuda")).defaults["fused"] is True
+    assert not pretrain.make_optimizer(model, cfg, torch.device("cpu")).defaults["fused"]
