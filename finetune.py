@@ -63,7 +63,7 @@ from kat import KATransformer
 from distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
                          sync_batchnorm)
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, load_checkpoint,
-                      parameter_groups, parse_config, rng_state, save_checkpoint, schedule_and_size_checks,
+                      make_optimizer, parse_config, rng_state, save_checkpoint, schedule_and_size_checks,
                       set_rng_state, truncate_log)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
 
@@ -121,6 +121,8 @@ class Config:
     amp: bool = True                # bf16 autocast on CUDA (ignored on the CPU)
     num_workers: int = 4            # DataLoader workers
     progress: bool = True           # tqdm progress bar
+    log_every: int = 50             # read the summed loss off the device every N steps and at epoch end (bar,
+                                    # non-finite check): no host sync at the other steps; NaN is caught <= N steps late
     preset: str = ""                # "tiny": pretrain.py's tiny model on small data, a CPU smoke run
     eval_only: bool = False         # test --checkpoint (a fine-tuned model, ours or Point-MAE's) without training,
                                     # with and without voting: <out_dir>/<task label>_eval/summary.json
@@ -671,7 +673,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     if world_size > 1:
         model = sync_batchnorm(model, device)  # the heads' and the mini-PointNet's statistics over the global batch
     model = model.to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg, device)  # Point-MAE's AdamW; fused on CUDA (pretrain.py)
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch, best, metrics = 0, {}, {}
@@ -699,7 +701,11 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
                                              sampler=rank_batches(order, cfg.batch_size, rank, world_size),
                                              drop_last=True, num_workers=cfg.num_workers,
                                              pin_memory=device.type == "cuda")
-        loss_sum, correct, seen, started = 0.0, 0, 0, time.time()
+        # The loss, the correct predictions and the labelled points, summed on the device since the epoch began (in
+        # float64, as Python's floats summed them before: a single process logs the same numbers). Read off the device
+        # only every --log_every steps and at the end of the epoch: no host sync at the other steps.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss, correct, labelled)
+        last_read_step, started = epoch * steps_per_epoch - 1, time.time()
         bar = tqdm(loader, desc=f"{name} epoch {epoch}", disable=not cfg.progress or not is_main, leave=False)
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
@@ -718,26 +724,32 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
                           else train_model(points))  # (B, [N,] classes)
             # Plain cross-entropy (Point-MAE); -1 marks clutter points without a part.
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
-            # One host sync per step, for the check, the bar and the log; under torchrun the mean over the ranks (the
-            # global batch's loss), so that every rank sees a non-finite loss at the same step and stops there.
-            loss_value = summed_over_ranks(loss.detach(), world_size).item() / world_size
-            if not math.isfinite(loss_value):
-                advice = (f"the last good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr."
-                          if epoch > start_epoch or resuming else  # this run has written (or resumed) a checkpoint
-                          "no checkpoint of this run was written yet (one is written at the end of every epoch): "
-                          "lower --lr and start again.")
-                raise FloatingPointError(f"{name} the loss became {loss_value} at epoch {epoch}, step {step}; {advice}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # Point-MAE: 10
             optimizer.step()
-            loss_sum += loss_value
-            correct += (logits.argmax(dim=-1) == target).sum().item()
-            seen += (target >= 0).sum().item()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            sums += torch.stack([loss.detach().double(), (logits.argmax(dim=-1) == target).sum().double(),
+                                 (target >= 0).sum().double()])  # (3,)
+            if (batch_index + 1) % cfg.log_every and batch_index + 1 < steps_per_epoch:
+                continue
+            # --- every --log_every steps and at epoch end: read the sums (over all ranks), check, show ------------
+            # Under torchrun every rank reads at the same steps, so all see a non-finite loss at once and stop there.
+            # NOTE(unspecified): as in pretrain.py, a non-finite loss is caught up to --log_every steps late and the
+            # weights may have taken those steps; nothing is written after it, so the last good checkpoint stays.
+            loss_sum, correct, seen = summed_over_ranks(sums, world_size).tolist()  # the one host sync
+            loss_sum /= world_size  # the sum over the steps of the global batch's loss
+            if not math.isfinite(loss_sum):
+                advice = (f"the last good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr."
+                          if epoch > start_epoch or resuming else  # this run has written (or resumed) a checkpoint
+                          "no checkpoint of this run was written yet (one is written at the end of every epoch): "
+                          "lower --lr and start again.")
+                raise FloatingPointError(f"{name} the loss became {loss_sum} at epoch {epoch}, at a step from "
+                                         f"{last_read_step + 1} to {step} (the loss is read every --log_every "
+                                         f"{cfg.log_every} steps); the weights may have taken up to "
+                                         f"{step - last_read_step} steps since, so nothing more is written; {advice}")
+            last_read_step = step
+            bar.set_postfix(loss=f"{loss_sum / (batch_index + 1):.4f}", lr=f"{lr:.2e}")
 
-        if world_size > 1:  # the training accuracy over every rank's shapes
-            correct, seen = summed_over_ranks(torch.tensor([correct, seen], device=device), world_size).tolist()
         if not is_main:
             continue  # rank 0 tests and writes; the others wait for it at their next step's all-reduce
 
@@ -839,6 +851,7 @@ def check_config(cfg):
         (not cfg.folds or cfg.task == "fewshot", f"--folds selects few-shot episodes; it does not apply to --task "
                                                  f"{cfg.task}."),
         (cfg.eval_every >= 1, f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}."),
+        (cfg.log_every >= 1, f"--log_every must be at least 1 (read the loss every N steps), got {cfg.log_every}."),
         (cfg.way >= 1 and cfg.shot >= 1, f"--way and --shot must be at least 1, got {cfg.way} and {cfg.shot}."),
         (not cfg.eval_only or cfg.checkpoint, "--eval_only tests a fine-tuned model: pass it with --checkpoint."),
         (not cfg.eval_only or cfg.task != "svm", "--eval_only tests a fine-tuned model; --task svm trains none "

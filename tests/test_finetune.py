@@ -368,10 +368,57 @@ def test_a_data_root_that_does_not_exist_is_an_error_not_synthetic_data(tmp_path
 
 
 def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *args, **kwargs: torch.tensor(float("nan")))
+    cross_entropy = finetune.F.cross_entropy
+    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *args, **kwargs: cross_entropy(*args, **kwargs) * torch.nan)
     with pytest.raises(FloatingPointError) as error:
         finetune.main(config(tmp_path, *FLAGS))
     assert "no checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
+
+
+def test_the_loss_is_read_every_log_every_steps_and_the_log_holds_the_same_mean_as_per_step_reads(tmp_path,
+                                                                                                 monkeypatch):
+    losses, reads = [], []
+    cross_entropy, summed_over_ranks = finetune.F.cross_entropy, finetune.summed_over_ranks
+
+    def recorded(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(loss.item())  # float32 -> the Python float the loop used to add up
+        return loss
+
+    def counted(sums, world_size):
+        reads.append(1)
+        return summed_over_ranks(sums, world_size)
+
+    monkeypatch.setattr(finetune.F, "cross_entropy", recorded)
+    monkeypatch.setattr(finetune, "summed_over_ranks", counted)
+    finetune.main(config(tmp_path, *FLAGS, "--synthetic_train_size", "40", "--log_every", "2"))
+    record, = read_log(tmp_path / "modelnet40_synthetic" / "seed0" / "log.jsonl")
+    steps = record["step"]
+    assert steps == len(losses) == 5  # 40 shapes, batches of 8
+    assert len(reads) == 3  # after steps 2 and 4, and at the epoch's end (step 5)
+    total = 0.0
+    for value in losses:  # the per-step Python sum the loop made before its loss stayed on the device
+        total += value
+    assert record["loss"] == total / steps
+
+
+def test_one_non_finite_fine_tuning_step_between_two_reads_still_stops_the_run(tmp_path, monkeypatch):
+    calls = []
+    cross_entropy = finetune.F.cross_entropy
+
+    def one_nan_step(*args, **kwargs):  # the second step alone is NaN; the steps after it are finite
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(finetune.F, "cross_entropy", one_nan_step)
+    with pytest.raises(FloatingPointError) as error:
+        finetune.main(config(tmp_path, *FLAGS, "--synthetic_train_size", "32", "--log_every", "4"))
+    message = str(error.value)
+    assert len(calls) == 4  # read after step 4, two steps after the bad one
+    assert "at a step from 0 to 3" in message and "up to 4 steps" in message
+    assert "no checkpoint of this run was written yet" in message
+    assert not (tmp_path / "modelnet40_synthetic" / "seed0" / "last.pth").exists()
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--warmup_epochs", "2"], ["--batch_size", "0"],
