@@ -281,8 +281,9 @@ def render_with_3d_ops(renderer, points):
     grid = renderer.voxelize(points).flatten(0, 1).unsqueeze(1)  # (B * V, 1, d, g, g)
     k, pad = renderer.densify_kernel, renderer.densify_padding
     dense = F.max_pool3d(grid, kernel_size=(1, k, k), stride=1, padding=(0, pad, pad))  # (B * V, 1, d, g-2, g-2)
-    weights = torch.tensor(renderer.smooth_weights, device=points.device)  # (3,) the 1-D Gaussian
-    kernel = (weights[:, None] * weights[None, :]).view(1, 1, 1, 3, 3)  # its outer product, PointCLIP V2's kernel
+    offsets = torch.tensor([-1.0, 0.0, 1.0], device=points.device)  # (3,)
+    weights = torch.exp(-offsets**2 / (2 * 3.0**2))  # (3,) PointCLIP V2's Gaussian, sigma 3 (render.py's default)
+    kernel = (weights[:, None] * weights[None, :] / weights.sum() ** 2).view(1, 1, 1, 3, 3)  # normalised 3 x 3
     depth_map = F.conv3d(dense, kernel, padding=(0, 1, 1)).amax(dim=2)  # (B * V, 1, g-2, g-2)
     image = 1 - depth_map / depth_map.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)  # (B * V, 1, g-2, g-2)
     size = (renderer.image_size, renderer.image_size)

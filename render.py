@@ -134,7 +134,11 @@ def pixels_to_patches(pixels: torch.Tensor, image_size: int, patch_size: int = 1
 
 def check_finite(points, name):
     """Raise a ValueError naming the shape and the count of NaN / inf values unless every value is finite.
-    Twin of tokenizer.check_finite (copied so that each stage module stands alone)."""
+    Twin of tokenizer.check_finite (copied so that each stage module stands alone).
+    Left out under torch.compile: a branch on a tensor's values would split the compiled graph in two (and wait for
+    the GPU); the data readers already refuse non-finite points when they load a file (datasets.py)."""
+    if torch.compiler.is_compiling():
+        return
     if not torch.isfinite(points).all():  # one host sync on CUDA; the count below only runs on the error path
         bad = int((~torch.isfinite(points)).sum())
         raise ValueError(f"Expected finite {name}; found {bad} NaN or infinite values in {name} of shape "
@@ -287,7 +291,7 @@ class MultiViewRenderer(nn.Module):
         """
         # Without this a NaN point or query lands silently on pixel (0, 0) (NaN -> long). One host sync per call on
         # CUDA for both tensors; check_finite then names the one at fault.
-        if not (torch.isfinite(points).all() & torch.isfinite(query).all()):
+        if not torch.compiler.is_compiling() and not (torch.isfinite(points).all() & torch.isfinite(query).all()):
             check_finite(points, "points")
             check_finite(query, "query")
         with torch.autocast(device_type=points.device.type, enabled=False):

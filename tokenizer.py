@@ -160,7 +160,11 @@ class CenterEmbedding(nn.Module):
 
 def check_finite(points, name):
     """Raise a ValueError naming the shape and the count of NaN / inf values unless every value is finite.
-    Twin of render.check_finite (copied so that each stage module stands alone)."""
+    Twin of render.check_finite (copied so that each stage module stands alone).
+    Left out under torch.compile: a branch on a tensor's values would split the compiled graph in two (and wait for
+    the GPU); the data readers already refuse non-finite points when they load a file (datasets.py)."""
+    if torch.compiler.is_compiling():
+        return
     if not torch.isfinite(points).all():  # one host sync on CUDA; the count below only runs on the error path
         bad = int((~torch.isfinite(points)).sum())
         raise ValueError(f"Expected finite {name}; found {bad} NaN or infinite values in {name} of shape "

@@ -10,6 +10,7 @@ random numbers) fail it.
 """
 import json
 
+import pytest
 import torch
 import torch._inductor.config
 
@@ -49,3 +50,14 @@ def test_compiled_training_gives_the_eager_losses_and_an_eager_checkpoint(tmp_pa
     pretrain.load_trainable_state(model, state)
     reference = pretrain.load_checkpoint(str(tmp_path / "eager" / "last.pth"))["model"]
     assert state.keys() == reference.keys()
+
+
+@pytest.mark.parametrize("method", pretrain.METHODS)
+def test_every_method_traces_as_one_graph_for_compile(method):
+    # One graph: torch.compile fuses across the whole step and CUDA graphs can capture it. A branch on a tensor's
+    # values (the stage modules' finite checks did that) would split it and wait for the GPU at every step.
+    torch._dynamo.reset()
+    cfg = pretrain.build_config(SMALL + ["--method", method])
+    model = pretrain.build_model(cfg)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, cfg.num_points, 3))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
