@@ -256,8 +256,8 @@ def cast_frozen_tower(visual, dtype):
 
     CLIP's own recipe (clip.model.convert_weights, which does the same in float16): the weights and biases of every
     Conv and Linear (conv1, the blocks' mlp.c_fc, mlp.c_proj and attn.out_proj), the attention's packed in_proj_weight
-    and in_proj_bias, and the output matrix `proj`. The LayerNorms, class_embedding and positional_embedding stay
-    float32. The tower then runs in `dtype` (run_tower, run_tower_with_attention follow conv1's dtype), and bf16
+    and in_proj_bias, and the output matrix `proj`; also the blocks' LayerNorms (see the NOTE below). ln_pre,
+    ln_post, class_embedding and positional_embedding stay float32. The tower then runs in `dtype` (run_tower, run_tower_with_attention follow conv1's dtype), and bf16
     autocast no longer re-casts the frozen weights at every call (autocast caches only casts of weights that
     require grad). The training script calls this once, when it turns bf16 autocast on.
     NOTE(unspecified): the papers do not say in which precision the frozen tower runs; under bf16 autocast we store
@@ -277,6 +277,14 @@ def cast_frozen_tower(visual, dtype):
                     tensor.data = tensor.data.to(dtype)
     if visual.proj is not None:
         visual.proj.data = visual.proj.data.to(dtype)
+    # NOTE(deviation): one step beyond CLIP's recipe: the blocks' LayerNorm weights and biases go to `dtype` too.
+    # tower_block normalises the activations in their own dtype, and CUDA's layer_norm kernel wants its weight and
+    # bias in the input's dtype (the CPU's also takes float32 ones); it still accumulates the statistics in float32.
+    # ln_pre and ln_post stay float32: they are clip's LayerNorm modules, which normalise a float32 copy.
+    for block in visual.transformer.resblocks:
+        for norm in (block.ln_1, block.ln_2):
+            norm.weight.data = norm.weight.data.to(dtype)
+            norm.bias.data = norm.bias.data.to(dtype)
     return visual
 
 
@@ -298,9 +306,8 @@ def tower_block(block, x, return_class_attention=False):
     num_heads = attention.num_heads
     head_dim = width // num_heads  # d = C / heads: 64 in ViT-B/16
     # ---- attention half: x = x + out_proj(MHA(ln_1(x)))
-    # x's dtype with float32 weight and bias: F.layer_norm accepts that mix (the CPU too) and computes the
-    # statistics in float32, so in bf16 it equals clip's LayerNorm (a float32 copy of x, normalised, cast back)
-    # value for value (checked on the CPU), without the two copies.
+    # In x's dtype, without clip's two copies (a float32 copy of x, normalised, cast back): the kernel accumulates
+    # the statistics in float32 either way. The weight and bias are in x's dtype too (cast_frozen_tower).
     y = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)  # (M, 1 + P, C)
     # in_proj_weight is nn.MultiheadAttention's packed [W_q; W_k; W_v] (3C, C): one GEMM for all three.
     qkv = F.linear(y, attention.in_proj_weight, attention.in_proj_bias)  # (M, 1 + P, 3C)

@@ -385,14 +385,15 @@ def test_cast_frozen_tower_follows_clips_recipe_and_keeps_the_bf16_error_of_auto
     assert tokenizer.cast_frozen_tower(model.visual, torch.bfloat16) is model.visual
     matrices = ("conv1.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
                 "attn.out_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+    block_norms = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")  # beyond CLIP's recipe (CUDA's kernel)
     cast = []
     for name, parameter in model.visual.named_parameters():
-        expected_cast = name == "proj" or name.endswith(matrices)
+        expected_cast = name == "proj" or name.endswith(matrices) or name.endswith(block_norms)
         assert parameter.dtype == (torch.bfloat16 if expected_cast else torch.float32), name
-        assert (clips_dtypes[name] == torch.float16) == expected_cast, name
+        assert (clips_dtypes[name] == torch.float16) == (expected_cast and not name.endswith(block_norms)), name
         cast.append(expected_cast)
-    # conv1 and proj, and 8 per block; LayerNorms (ln_pre, ln_post, 2 per block), class and positional embedding.
-    assert sum(cast) == 2 + 8 * 2 and len(cast) - sum(cast) == 2 + 2 * 2 + 2 * 2 * 2
+    # conv1 and proj, and 8 + 4 per block; ln_pre, ln_post (2 each), the class and positional embeddings.
+    assert sum(cast) == 2 + 12 * 2 and len(cast) - sum(cast) == 2 + 2 * 2
     with torch.no_grad():
         output = model.run_tower(images)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -406,11 +407,13 @@ def test_cast_frozen_tower_follows_clips_recipe_and_keeps_the_bf16_error_of_auto
     # The same patch features either way; only proj's bf16 GEMM may round differently (CPU: a strided slice
     # [:, 1:] against a contiguous tensor), hence bf16's tolerance.
     torch.testing.assert_close(tokens, tokens_with_attention, atol=1e-2, rtol=1e-2)
-    # Against the float32 tower, the bf16 tower errs as much as autocast did (measured here, torch 2.14 CPU: max
-    # 0.0422 and mean 4.19e-3 for both); the factor 1.1 leaves room for other bf16 kernels' rounding.
+    # Against the float32 tower, the bf16 tower errs about as much as autocast did. Measured here (torch 2.14 CPU,
+    # 6 random towers): the mean error 1.01-1.05 times autocast's, the max 0.90-1.18 times (its blocks' LayerNorm
+    # weights are bf16 too, which CUDA's kernel requires). A real loss of precision fails: rounding the MLP's
+    # hidden activations to float8 gave a mean error 1.7 times autocast's.
     error = (output.float() - reference).abs()
     autocast_error = (autocast_output.float() - reference).abs()
-    assert 0 < error.max() <= 1.1 * autocast_error.max()
+    assert 0 < error.max() <= 1.25 * autocast_error.max()
     assert error.mean() <= 1.1 * autocast_error.mean()
     # The class-token attention stays float32 and near the float32 tower's (measured max difference 1.1e-4;
     # under autocast it was 1.5e-4).
