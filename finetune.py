@@ -62,9 +62,9 @@ import synthetic
 from kat import KATransformer
 from distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
                          sync_batchnorm)
-from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, load_checkpoint,
-                      make_optimizer, parse_config, rng_state, save_checkpoint, schedule_and_size_checks,
-                      set_rng_state, truncate_log)
+from checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
+from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, make_optimizer, parse_config,
+                      schedule_and_size_checks)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
