@@ -454,8 +454,9 @@ def main(argv=None):
         method_rows[method] = {**with_floor(throughput(method_cfg, device, use_bf16, args.repeats), peak_tflops),
                                "num_points": method_cfg.num_points, "matched": method_cfg.matched}
     fps_check = compiled_fps_matches_eager(cfg, device) if cfg.compile else None
-    if fps_check is False:
-        print("WARNING: compiled farthest point sampling picks other centres than eager on this device: the compiled "
+    if fps_check is not None:
+        print("compiled farthest point sampling picks the eager centres on this device" if fps_check else
+              "WARNING: compiled farthest point sampling picks other centres than eager on this device: the compiled "
               "model's figures are not those of the same computation")
     if cfg.compile:  # the stage timers wrap the eager module's methods, which the compiled graph never calls
         stage_step_seconds, stages = None, None
