@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from kat import KATransformer
 from masking import gather_tokens, num_visible, random_masking, sample_without_replacement, split_visible_masked
 from render import MultiViewRenderer
-from tokenizer import (CenterEmbedding, PointTokenizer, build_random_tower, gather_points, knn_indices,
-                       load_clip_tower, run_tower_with_attention)
+from tokenizer import (CenterEmbedding, PointTokenizer, frozen_clip_tower, gather_points, knn_indices,
+                       run_tower_with_attention)
 
 PROJECTIONS = ("orthographic", "realistic")
 # proj2img's three views, pts_1 = (x, y, z), pts_2 = (z, x, y), pts_3 = (y, z, x): coordinates (row, column, value).
@@ -207,23 +207,11 @@ class CLIPTeacher(nn.Module):
 
     def __init__(self, image_size=224, clip_model="ViT-B/16", random_tower=None):
         super().__init__()
-        if random_tower is not None:
-            unknown = set(random_tower) - {"width", "layers", "heads", "patch_size"}
-            if unknown:
-                raise ValueError("random_tower takes width, layers, heads and patch_size; "
-                                 f"found also {sorted(unknown)}.")
-            visual = build_random_tower(image_size, **random_tower)
-        else:
-            visual = load_clip_tower(clip_model)
-        # The training script leaves a pre-trained tower out of its checkpoints (a random one is saved).
-        self.visual_is_pretrained = random_tower is None
         # NOTE(deviation): the official code runs CLIP in fp16; we keep fp32 weights, which the training script stores
         # in bf16 when it runs under bf16 autocast (pretrain.cast_frozen_towers, CLIP's recipe), as the other tower.
-        self.visual = visual.float().eval().requires_grad_(False)
-        patch_size = self.visual.conv1.kernel_size[0]
-        if image_size % patch_size != 0:
-            raise ValueError(f"image_size must be a multiple of the patch size {patch_size}; found {image_size}.")
-        self.grid_size = image_size // patch_size  # g: 224 / 16 = 14
+        self.visual, self.grid_size = frozen_clip_tower(image_size, clip_model, random_tower)  # g: 224 / 16 = 14
+        # The training script leaves a pre-trained tower out of its checkpoints (a random one is saved).
+        self.visual_is_pretrained = random_tower is None
         self.feature_dim = self.visual.proj.shape[1]  # C: 512 for ViT-B/16 (after proj)
 
     def train(self, mode=True):

@@ -235,6 +235,26 @@ def build_random_tower(image_size, width, layers, heads, patch_size=16):
                                         layers=layers, heads=heads, output_dim=width)
 
 
+def frozen_clip_tower(image_size, clip_model="ViT-B/16", random_tower=None):
+    """The frozen CLIP image tower of KR-MAE's 2-D tokens and of I2P-MAE's teacher -> (visual, grid_size).
+
+    CLIP's weights (clip_model), or with random_tower=dict(width, layers, heads[, patch_size]) a randomly initialised
+    tower of that size (tests, the CPU preset). Frozen: float32, no gradients, eval mode (the owner keeps it in eval
+    mode and calls it under torch.no_grad). image_size must be a multiple of the patch size: grid_size = H / patch."""
+    if random_tower is not None:
+        unknown = set(random_tower) - {"width", "layers", "heads", "patch_size"}
+        if unknown:
+            raise ValueError(f"random_tower takes width, layers, heads and patch_size; found also {sorted(unknown)}.")
+        visual = build_random_tower(image_size, **random_tower)
+    else:
+        visual = load_clip_tower(clip_model)
+    visual = visual.float().eval().requires_grad_(False)
+    patch_size = visual.conv1.kernel_size[0]
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size must be a multiple of the patch size {patch_size}; found {image_size}.")
+    return visual, image_size // patch_size
+
+
 def interpolate_positional_embedding(table, grid_size):
     """CLIP position table (1 + g*g, C) -> (1 + grid_size^2, C): bicubic over the patch grid, class position kept."""
     class_position, patch_positions = table[:1], table[1:]  # (1, C), (g*g, C)
@@ -339,22 +359,10 @@ class ImagePatchTokenizer(nn.Module):
 
     def __init__(self, dim=384, image_size=112, clip_model="ViT-B/16", random_tower=None):
         super().__init__()
-        if random_tower is not None:
-            unknown = set(random_tower) - {"width", "layers", "heads", "patch_size"}
-            if unknown:
-                raise ValueError("random_tower takes width, layers, heads and patch_size; "
-                                 f"found also {sorted(unknown)}.")
-            visual = build_random_tower(image_size, **random_tower)
-        else:
-            visual = load_clip_tower(clip_model)
-        self.visual_is_pretrained = random_tower is None
         # Frozen tower: no gradients, always eval mode (see train below), run under torch.no_grad in forward.
-        self.visual = visual.float().eval().requires_grad_(False)
+        self.visual, self.grid_size = frozen_clip_tower(image_size, clip_model, random_tower)  # grid 112 / 16 = 7
+        self.visual_is_pretrained = random_tower is None
         self.image_size = image_size
-        patch_size = self.visual.conv1.kernel_size[0]
-        if image_size % patch_size != 0:
-            raise ValueError(f"image_size must be a multiple of the patch size {patch_size}; found {image_size}.")
-        self.grid_size = image_size // patch_size  # 112 / 16 = 7
         self.num_patches = self.grid_size ** 2  # m = HW / 256 = 49
         width = self.visual.conv1.out_channels  # C: 768 for ViT-B/16
         # CLIP's table is for 224 x 224 (14 x 14 patches); it is interpolated once, here, to our grid and kept as

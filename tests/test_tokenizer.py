@@ -447,3 +447,13 @@ def test_a_bf16_tower_feeds_the_float32_projection_outside_autocast():
         expected = model.proj(model.run_tower(normalised)[:, 1:].float()) + model.pos_embed.squeeze(0)
     assert tokens.dtype == torch.float32
     torch.testing.assert_close(tokens[0], expected, atol=1e-6, rtol=1e-6)  # a GEMM on another memory layout
+
+
+def test_frozen_clip_tower_is_frozen_and_refuses_bad_sizes():
+    visual, grid = tokenizer.frozen_clip_tower(64, random_tower=dict(width=32, layers=1, heads=2))
+    assert grid == 4 and not visual.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in visual.parameters())
+    with pytest.raises(ValueError, match=r"multiple of the patch size 16; found 72"):
+        tokenizer.frozen_clip_tower(72, random_tower=dict(width=32, layers=1, heads=2))
+    with pytest.raises(ValueError, match=r"found also \['depth'\]"):
+        tokenizer.frozen_clip_tower(64, random_tower=dict(width=32, layers=1, heads=2, depth=3))
