@@ -208,20 +208,12 @@ def test_classification_learns_well_above_chance(tmp_path):
     assert summary["last_accuracy"]["mean"] > 25.0  # > 3x chance
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    from test_pretrain import interrupted_at_second_epoch
+
     flags = ["--task", "scan_objectnn", "--data", "synthetic", "--epochs", "2"]
     finetune.main(config(tmp_path / "straight", *flags))
-    original_order = finetune.epoch_order
-
-    def crash_at_second_epoch(num_samples, seed, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return original_order(num_samples, seed, epoch)
-
-    monkeypatch.setattr(finetune, "epoch_order", crash_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main(config(tmp_path / "resumed", *flags))
-    monkeypatch.setattr(finetune, "epoch_order", original_order)
+    interrupted_at_second_epoch(finetune, lambda: finetune.main(config(tmp_path / "resumed", *flags)))
     finetune.main(config(tmp_path / "resumed", *flags, "--resume"))
     run = "scan_objectnn_obj_bg_synthetic/seed0"
     straight = pretrain.load_checkpoint(str(tmp_path / "straight" / run / "last.pth"))

@@ -80,19 +80,12 @@ def test_every_method_pretrains_logs_its_terms_and_fine_tunes(tmp_path, method):
     assert summary["num_runs"] == 1 and "last_accuracy" in summary
 
 
-def test_a_peer_method_resumes_exactly(tmp_path, monkeypatch):
+def test_a_peer_method_resumes_exactly(tmp_path):
+    from test_pretrain import interrupted_at_second_epoch
+
     straight = pretrain.main(tiny_method(tmp_path / "straight", "joint_mae", "--epochs", "2"))
-    original_order = pretrain.epoch_order
-
-    def crash_at_second_epoch(num_samples, seed, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return original_order(num_samples, seed, epoch)
-
-    monkeypatch.setattr(pretrain, "epoch_order", crash_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.main(tiny_method(tmp_path / "resumed", "joint_mae", "--epochs", "2"))
-    monkeypatch.setattr(pretrain, "epoch_order", original_order)
+    interrupted_at_second_epoch(pretrain, lambda: pretrain.main(tiny_method(tmp_path / "resumed", "joint_mae",
+                                                                           "--epochs", "2")))
     resumed_cfg = pretrain.build_config(["--resume", str(tmp_path / "resumed" / "last.pth")])
     assert resumed_cfg.method == "joint_mae" and resumed_cfg.image_size == 64  # the run's own settings
     resumed = pretrain.main(resumed_cfg)

@@ -75,19 +75,27 @@ def test_tiny_run_writes_checkpoint_log_picture_and_loss_goes_down(tmp_path):
     assert (tmp_path / "reconstruction_003.png").is_file()
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-    straight = pretrain.main(tiny(tmp_path / "straight"))
-    original_order = pretrain.epoch_order
+def interrupted_at_second_epoch(module, run):
+    """Run `run()` (a call of module.main) killed as its second epoch starts, after the first epoch's checkpoint:
+    module.epoch_order raises a simulated kill at epoch 1. The interrupted run that a resume test continues."""
+    original_order = module.epoch_order
 
     def crash_at_second_epoch(num_samples, seed, epoch):
         if epoch == 1:
             raise KeyboardInterrupt("simulated kill")
         return original_order(num_samples, seed, epoch)
 
-    monkeypatch.setattr(pretrain, "epoch_order", crash_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.main(tiny(tmp_path / "resumed"))
-    monkeypatch.setattr(pretrain, "epoch_order", original_order)
+    module.epoch_order = crash_at_second_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        module.epoch_order = original_order
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = pretrain.main(tiny(tmp_path / "straight"))
+    interrupted_at_second_epoch(pretrain, lambda: pretrain.main(tiny(tmp_path / "resumed")))
     # `--resume path` alone restores the run's own settings (the tiny preset, the test's sizes and folder).
     resumed_cfg = parse_config(Config, ["--resume", str(tmp_path / "resumed" / "last.pth")])
     assert resumed_cfg == tiny(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "last.pth"))
