@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import distributed
+from util import distributed
 import pretrain
 from masking import gather_tokens
 from pretrain import chamfer_distance

@@ -60,9 +60,9 @@ import linear_probe
 import point_mae_checkpoints
 import synthetic
 from kat import KATransformer
-from distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
+from util.distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
                          sync_batchnorm)
-from checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
+from util.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, make_optimizer, parse_config,
                       schedule_and_size_checks)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points

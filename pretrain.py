@@ -44,10 +44,10 @@ import datasets
 import linear_probe
 import point_mae_checkpoints
 import synthetic
-from checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
+from util.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
 from crossalignnet import CrossAlignNet
-import distributed
-from distributed import (OnlyTheLossBackward, rank_batches, seed_rank_generators, start_processes, summed_over_ranks,
+from util import distributed
+from util.distributed import (OnlyTheLossBackward, rank_batches, seed_rank_generators, start_processes, summed_over_ranks,
                          sync_batchnorm)
 from i2p_mae import I2PMAE, guided_masking, normalised_entropy
 from joint_mae import JointMAE

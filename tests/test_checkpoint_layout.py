@@ -13,7 +13,7 @@ import torch
 
 import finetune
 import pretrain
-from checkpoints import load_checkpoint, rng_state, save_checkpoint
+from util.checkpoints import load_checkpoint, rng_state, save_checkpoint
 
 torch.set_num_threads(2)
 

@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 import datasets
-import distributed
+from util import distributed
 import finetune
 import pretrain
 from masking import random_masking
