@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from util import distributed
-import pretrain
+from kr_mae import chamfer_distance
 from masking import gather_tokens
-from pretrain import chamfer_distance
+import pretrain
 from render import MultiViewRenderer
 from tokenizer import farthest_point_sample, knn_indices
+from util import distributed, optim, weights
 
 # Peak dense (without sparsity) bf16 tensor-core throughput in TFLOP/s, NVIDIA's datasheets (half their figure "with
 # sparsity"). Matched in this order against torch.cuda.get_device_name, so the PCIe and NVL parts come first.
@@ -136,8 +136,8 @@ def build(cfg, device, use_bf16):
     torch.manual_seed(0)
     model = pretrain.build_model(cfg).to(device)
     if use_bf16:
-        pretrain.cast_frozen_towers(model, torch.bfloat16)
-    optimizer = pretrain.make_optimizer(model, cfg, device)
+        weights.cast_frozen_towers(model, torch.bfloat16)
+    optimizer = optim.make_optimizer(model, cfg, device)
     return model, pretrain.compile_model(model, cfg), optimizer
 
 

@@ -44,6 +44,7 @@ shape and draws the rendered view with the projected centres, the 3-D mask and t
 """
 import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -58,8 +59,55 @@ IMAGE_MASKINGS = ("complementary", "correspondence", "random")  # paper Table 7
 CONTRASTS = ("infonce", "ntxent")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# pretrain.py --method crossalignnet: this file's fields of its Config, defaults, checks and constructor
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """CrossAlignNet's own fields of pretrain.py's Config; its backbone and 3-D tokens are kr_mae.Settings' fields."""
+    # --- CrossAlignNet (--method crossalignnet; crossalignnet.py; Wang et al., PeerJ CS 2025) -----------------------
+    cal_image_masking: str = "complementary"  # Table 7: complementary (best), correspondence, random
+    cal_gsa_weight: float = 1e-4    # lambda of Eq. (12), L = L_LMR + lambda L_GSA (Table 8 best)
+    cal_contrast: str = "infonce"   # Eq. (7)-(8): symmetric cross-modal InfoNCE; "ntxent": SimCLR NT-Xent
+    cal_temperature: float = 0.1    # tau of the contrastive loss (NOTE(unspecified): 0.1, as Inter-MAE)
+    cal_image_depth: int = 12       # the from-scratch image transformer (inferred from Table 9's 57.69 M)
+    cal_gsa_depth: int = 2          # the global semantic alignment decoder ("fewer blocks"; inferred)
+
+
+# What --method crossalignnet sets before --preset and the flags, and its paper's data settings unless --matched.
+DEFAULTS = {"crossalignnet": dict(image_size=224)}  # CrossAlignNet: 224 x 224 images, 16 x 16 patches
+PAPER_SETTINGS = {"crossalignnet": dict(num_points=2048, augment=False)}  # "Training": 2,048 points, no augmentation
+
+
+def check(cfg):
+    """--method crossalignnet's settings that cannot work, as (passed, message) pairs for pretrain.check_config."""
+    return [
+        (cfg.cal_image_masking in ("complementary", "correspondence", "random"),
+         f"--cal_image_masking must be complementary, correspondence or random, got {cfg.cal_image_masking!r}."),
+        (cfg.cal_contrast in ("infonce", "ntxent"), f"--cal_contrast must be infonce or ntxent, got "
+                                                    f"{cfg.cal_contrast!r}."),
+        (cfg.cal_temperature > 0 and cfg.cal_gsa_weight >= 0,
+         f"--cal_temperature must be positive and --cal_gsa_weight not negative, got {cfg.cal_temperature} and "
+         f"{cfg.cal_gsa_weight}."),
+        (cfg.batch_size >= 2, f"--method crossalignnet contrasts the shapes of a batch (and its heads have "
+                              f"BatchNorm): --batch_size must be at least 2, got {cfg.batch_size}."),
+    ]
+
+
+def build(cfg):
+    """pretrain.py's Config -> CrossAlignNet, on KR-MAE's backbone fields (its image transformer: --num_heads)."""
+    return CrossAlignNet(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                         num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
+                         decoder_heads=cfg.decoder_heads, gsa_depth=cfg.cal_gsa_depth,
+                         image_depth=cfg.cal_image_depth, image_heads=cfg.num_heads, drop_path=cfg.drop_path,
+                         mask_ratio=cfg.mask_ratio, image_size=cfg.image_size,
+                         image_masking=cfg.cal_image_masking, contrast=cfg.cal_contrast,
+                         temperature=cfg.cal_temperature, gsa_weight=cfg.cal_gsa_weight,
+                         skip_near_origin=cfg.fps_skip_near_origin)
+
+
 def chamfer_distance(predicted, target):
-    """Squared-L2 Chamfer per group: (M, K, 3), (M, K', 3) -> (M,). Twin of pretrain.chamfer_distance."""
+    """Squared-L2 Chamfer per group: (M, K, 3), (M, K', 3) -> (M,). Twin of kr_mae.chamfer_distance."""
     squared = torch.cdist(predicted.float(), target.float()).pow(2)  # (M, K, K')
     return squared.min(dim=2).values.mean(dim=1) + squared.min(dim=1).values.mean(dim=1)  # (M,)
 
@@ -227,7 +275,7 @@ class CrossDecoder(nn.Module):
 
 class CrossAlignNet(nn.Module):
     """CrossAlignNet pre-training: points (B, N, 3) -> dict of losses and the reconstruction-picture tensors.
-    Fine-tuning keeps `tokenizer_3d`, `encoder_pos` and `encoder`, built exactly as pretrain.KRMAE builds them."""
+    Fine-tuning keeps `tokenizer_3d`, `encoder_pos` and `encoder`, built exactly as kr_mae.KRMAE builds them."""
 
     def __init__(self, num_groups=64, group_size=32, dim=384, depth=12, num_heads=6, decoder_depth=4,
                  decoder_heads=6, gsa_depth=2, image_depth=12, image_heads=6, drop_path=0.1, mask_ratio=0.6,
@@ -252,7 +300,7 @@ class CrossAlignNet(nn.Module):
         # NOTE(unspecified): tau is lost with Eq. (7); 0.1 as Inter-MAE's NT-Xent. The loss's form (a symmetric
         # cross-modal InfoNCE, CrossPoint / CLIP) is rebuilt from "same viewpoint = positive, others = negatives".
 
-        # The 3-D path that fine-tuning keeps: Eq. (3), exactly pretrain.KRMAE's constructors and arguments.
+        # The 3-D path that fine-tuning keeps: Eq. (3), exactly kr_mae.KRMAE's constructors and arguments.
         self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim,
                                            skip_near_origin=skip_near_origin)
         self.encoder_pos = CenterEmbedding(dim=dim)

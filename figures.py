@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import kr_mae
 import masking
 import pretrain
-import synthetic
 from render import MultiViewRenderer
+import synthetic
 from tokenizer import group_points
+from util import weights
 
 FRAME = (235, 120, 0)  # the frame of a selected view (orange)
 VISIBLE, MASKED = (30, 90, 220), (205, 205, 205)  # blue = visible group, light grey = masked group
@@ -52,8 +54,8 @@ def load_model(checkpoint_path, clip_model=""):
     config = dict(checkpoint["config"])
     if clip_model:
         config["clip_model"] = clip_model  # the real CLIP weights may live elsewhere on this machine
-    model = pretrain.KRMAE(pretrain.Config(**config))
-    pretrain.load_trainable_state(model, checkpoint["model"])
+    model = kr_mae.KRMAE(pretrain.Config(**config))
+    weights.load_trainable_state(model, checkpoint["model"])
     return model.eval()
 
 

@@ -1,7 +1,9 @@
-"""KR-MAE downstream tasks: paper "Fine-tuning Setup" and Tables 1-3, plus the linear-SVM protocol.
+"""Fine-tuning and the linear probes: the loop of the downstream tasks, paper "Fine-tuning Setup" and Tables 1-3.
 
-After pre-training only the 3-D path is kept (`tokenizer_3d`, `encoder_pos`, `encoder`: Eq. 3 and the KAT encoder of
-Eq. 9-14 without 2-D tokens, every group visible), so `pretrain.encoder_state_dict` loads with the same names.
+The models, Point-MAE's heads on the pre-trained 3-D path, and the measures are in downstream.py; the probes in
+linear_probe.py; the plumbing in util/ (a checkpoint's weights: util/weights.py). This script sets up each task's
+data and model, then runs the loop: each step resamples a batch (Point-MAE's recipe), each epoch tests, writes a
+log line and a checkpoint.
 
     Table 1  --task scan_objectnn --variant obj_bg|obj_only|pb_t50_rs   2048 points, 128 groups, 15 classes
     (extra)  --task modelnet40 [--vote]                                   1024 points,  64 groups, 40 classes
@@ -9,22 +11,8 @@ Eq. 9-14 without 2-D tokens, every group visible), so `pretrain.encoder_state_di
     Table 3  --task partseg                                               ShapeNetPart, instance and class mIoU
     (extra)  --task svm                                                   linear probes of frozen features
 
-Classification head (Point-MAE):  f = [cls output ; max over the group tokens]          (B, 2D)
-                                   logits = MLP(2D -> 256 -> 256 -> classes), BN, ReLU, Dropout 0.5
-Segmentation head (Point-MAE):     f_i = [hidden blocks 4, 8, 12 of token i]             (B, G, 3D)
-                                   global = [max_G f ; mean_G f ; Embed(category one-hot)] (B, 6D + 64)
-                                   per point: [xyz ; inverse-distance mix of the 3 nearest centres' f]
-                                   -> propagation MLP 3D + 3 -> 4D -> 1024                 (B, N, 1024)
-                                   [propagated ; global] -> Conv1d 512 -> 256 -> part logits (B, N, parts)
-Linear probes (linear_probe.py):   the literature's SVC(C = 0.01) on raw max-pooled features, a cross-validated
-                                   linear SVM, 1-nearest-neighbour and a few-shot linear probe.
-
-Point-MAE's recipe (REFERENCE sec. 8): a classification set returns ALL stored points, normalised over all of them;
-training takes an FPS of 1200 (for 1024) from a random start and a fresh random 1024 of those EVERY step, then
-scale-and-translate; testing takes an FPS of 1024; voting re-draws the 1024 and the augmentation on every pass.
-
-Shapes: B batch, N points, G groups/tokens, K points per group, D width, M generic count.
-Paper symbol -> name: n -> num_groups, p -> group_size, d^E -> dim, n-way m-shot -> way, shot.
+Shapes: B batch, N points, M stored points.  Paper symbol -> name: n -> num_groups, p -> group_size, d^E -> dim,
+n-way m-shot -> way, shot.
 
 Run:  python finetune.py --task scan_objectnn --variant obj_bg --checkpoint runs/pretrain/last.pth
       python finetune.py --task fewshot --way 5 --shot 10 --folds all --checkpoint runs/pretrain/last.pth
@@ -41,7 +29,6 @@ JSON line per epoch, metrics in %).
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -50,22 +37,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import datasets
 import linear_probe
-import point_mae_checkpoints
 import synthetic
-from kat import KATransformer
-from util.distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
-                         sync_batchnorm)
-from util.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
-from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, make_optimizer, parse_config,
-                      schedule_and_size_checks)
-from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
+from downstream import (Classifier, PartSegmenter, PointEncoder, backbone_arguments, init_head, test_pass,
+                        test_points, training_points)
+from util.checkpoints import (check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                              stop_if_not_finite, write_log_line)
+from util.config import FINETUNE_PRESETS, parse_config, parse_list, schedule_and_size_checks
+from util.distributed import (data_parallel, rank_loader, seed_rank_generators, start_processes, stop_processes,
+                              summed_over_ranks, sync_batchnorm)
+from util.optim import epoch_order, learning_rate, make_optimizer
+from util.weights import load_pretrained
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
 
@@ -128,20 +114,14 @@ class Config:
                                     # with and without voting: <out_dir>/<task label>_eval/summary.json
 
 
-# Per-task defaults (Point-MAE's fine-tuning configurations) override the dataclass; a preset overrides these;
-# flags given on the command line override everything.
+# Per-task defaults (Point-MAE's fine-tuning configurations) override the dataclass; a preset (util/config.py)
+# overrides these; flags given on the command line override everything.
 TASK_DEFAULTS = {
     "scan_objectnn": dict(num_points=2048, num_groups=128),  # Point-MAE: 2048 points, 128 groups
     "modelnet40": dict(),
     "fewshot": dict(epochs=150),  # Point-MAE few-shot: 150 epochs
     "partseg": dict(num_points=2048, num_groups=128, lr=2e-4, batch_size=16),  # Point-MAE segmentation
     "svm": dict(),
-}
-# "tiny" mirrors pretrain.PRESETS["tiny"] (dim 96, depth 4, heads 4, 32 groups of 16, 512 points) so that a tiny
-# pre-training checkpoint loads.
-PRESETS = {
-    "tiny": dict(num_points=512, num_groups=32, group_size=16, dim=96, depth=4, num_heads=4, batch_size=16,
-                 epochs=3, warmup_epochs=1, synthetic_train_size=256, synthetic_test_size=128, num_workers=0),
 }
 # Where each task looks when --data_root is not given (datasets.py's readers also accept the parent folders).
 DATA_ROOTS = {"scan_objectnn": "data/ScanObjectNN", "modelnet40": "data/modelnet40_normal_resampled",
@@ -155,12 +135,6 @@ RUN_SETTINGS = ("checkpoint", "task", "variant", "data", "data_root", "num_point
                 "synthetic_train_size", "synthetic_test_size", "way", "shot", "fold", "queries", "dim", "depth",
                 "num_heads", "drop_path", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
                 "grad_clip", "eval_every", "fewshot_head_classes", "fps_skip_near_origin", "seed")
-# The settings --eval_only compares with those a fine-tuned checkpoint of this project was trained with: the model's
-# shape and the test set it was tested on.
-EVAL_SETTINGS = ("task", "variant", "data", "synthetic_test_size", "num_points", "num_groups", "group_size", "dim",
-                 "depth", "num_heads", "way", "shot", "fold", "queries", "fewshot_head_classes",
-                 "fps_skip_near_origin")
-
 
 def build_config(argv=None):
     """Flags -> Config: the task's defaults first, then --preset, then the explicit flags."""
@@ -170,233 +144,8 @@ def build_config(argv=None):
     if task not in TASKS:
         raise SystemExit(f"--task must be one of {TASKS}, got {task!r}.")
     # parse_config applies presets[--preset] as defaults; "" (no preset) gets the task's defaults alone.
-    presets = {name: {**TASK_DEFAULTS[task], **values} for name, values in {"": {}, **PRESETS}.items()}
+    presets = {name: {**TASK_DEFAULTS[task], **values} for name, values in {"": {}, **FINETUNE_PRESETS}.items()}
     return parse_config(Config, argv, presets)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Models: the pre-trained 3-D path plus a task head
-# ---------------------------------------------------------------------------------------------------------------
-class PointEncoder(nn.Module):
-    """The 3-D path kept after pre-training, under pretrain.KRMAE's attribute names (its weights load as they are)."""
-
-    def __init__(self, num_groups=64, group_size=32, dim=384, depth=12, num_heads=6, drop_path=0.1,
-                 skip_near_origin=False):
-        super().__init__()
-        self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim,
-                                           skip_near_origin=skip_near_origin)  # Eq. (3)
-        self.encoder_pos = CenterEmbedding(dim=dim)
-        self.encoder = KATransformer(dim=dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path)
-
-
-def init_head(module):
-    """Point-MAE's initialisation when training from scratch: truncated normal std 0.02, zero biases, for every Linear
-    and Conv1d of `module`. A head fine-tuned from a checkpoint keeps PyTorch's default initialisation instead, as
-    in Point-MAE, whose truncated-normal init runs only when no checkpoint is given (see run_finetune)."""
-    for layer in module.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv1d)):
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-
-
-class Classifier(PointEncoder):
-    """Point-MAE's classification model: [cls ; group tokens] -> encoder -> [cls output ; max] -> MLP."""
-
-    def __init__(self, num_classes, **backbone):
-        super().__init__(**backbone)
-        dim = self.encoder.norm.normalized_shape[0]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # NOTE(unspecified): named *pos_embed so pretrain.parameter_groups exempts it from weight decay, as cls_token.
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)  # Point-MAE: std 0.02
-        nn.init.trunc_normal_(self.cls_pos_embed, std=0.02)
-        # Point-MAE: 2D -> 256 -> 256 -> classes, BN + ReLU + Dropout 0.5 after each hidden layer.
-        self.head = nn.Sequential(nn.Linear(2 * dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                                  nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                                  nn.Linear(256, num_classes))  # (B, 2D) -> (B, classes), PyTorch's default init
-
-    def forward(self, points):
-        tokens, centers, _ = self.tokenizer_3d(points)  # (B, G, D), (B, G, 3)  Eq. (3)
-        batch_size = tokens.shape[0]
-        x = torch.cat([self.cls_token.expand(batch_size, -1, -1), tokens], dim=1)  # (B, 1 + G, D)
-        pos = torch.cat([self.cls_pos_embed.expand(batch_size, -1, -1), self.encoder_pos(centers)],
-                        dim=1)  # (B, 1 + G, D)
-        encoded = self.encoder(x, pos)  # (B, 1 + G, D)
-        feature = torch.cat([encoded[:, 0], encoded[:, 1:].max(dim=1).values], dim=1)  # (B, 2D)
-        return self.head(feature)  # (B, classes)
-
-
-def interpolate_from_centers(points, centers, features, k=3):
-    """Inverse-distance weighting of the k nearest centres (PointNet++ feature propagation), as one batched matmul:
-    points (B, N, 3), centers (B, G, 3), features (B, G, C) -> (B, N, C)."""
-    squared = torch.cdist(points.float(), centers.float()).pow(2)  # (B, N, G)
-    nearest_squared, nearest = squared.topk(k, dim=2, largest=False)  # (B, N, k), (B, N, k)
-    weights = 1.0 / (nearest_squared + 1e-8)  # PointNet++: 1 / squared distance
-    weights = weights / weights.sum(dim=2, keepdim=True)  # (B, N, k), rows sum to 1
-    # A sparse (B, N, G) mixing matrix with k weights per row; multiplying it gathers and mixes in one step.
-    mixing = torch.zeros_like(squared).scatter_(2, nearest, weights)  # (B, N, G)
-    return torch.bmm(mixing.to(features.dtype), features)  # (B, N, C)
-
-
-def hidden_blocks(depth):
-    """The encoder blocks the segmentation head reads: Point-MAE's 4, 8, 12 of 12 (0-based 3, 7, 11).
-    NOTE(unspecified): for another depth we take the blocks at 1/3, 2/3 and 3/3 of it (depth 4: 1, 2, 4)."""
-    return tuple(max(0, depth * part // 3 - 1) for part in (1, 2, 3))
-
-
-class PartSegmenter(PointEncoder):
-    """Point-MAE's part segmentation model (REFERENCE sec. 7-8) on the pre-trained 3-D path, in its layer order:
-    features of 3 encoder blocks -> feature propagation to every point ([xyz ; interpolated], MLP 3D + 3 -> 4D ->
-    1024) -> [propagated ; global] -> Conv1d 512 -> 256 -> part logits."""
-
-    def __init__(self, num_categories, num_parts, **backbone):
-        super().__init__(**backbone)
-        dim = self.encoder.norm.normalized_shape[0]
-        self.hidden = hidden_blocks(len(self.encoder.blocks))
-        self.num_categories = num_categories
-        # Point-MAE: a 64-d embedding of the category one-hot (Conv1d 16 -> 64 without bias, BN, LeakyReLU 0.2).
-        self.category_embed = nn.Sequential(nn.Linear(num_categories, 64, bias=False), nn.BatchNorm1d(64),
-                                            nn.LeakyReLU(0.2))
-        # Point-MAE's feature propagation (PointNet++): [xyz ; interpolated 3D features] (3D + 3 = 1155 channels)
-        # -> Conv1d 4D (1536) -> Conv1d 1024, each with BN + ReLU.
-        self.propagation = nn.Sequential(nn.Conv1d(3 * dim + 3, 4 * dim, 1), nn.BatchNorm1d(4 * dim),
-                                         nn.ReLU(inplace=True), nn.Conv1d(4 * dim, 1024, 1), nn.BatchNorm1d(1024),
-                                         nn.ReLU(inplace=True))
-        in_channels = 1024 + 2 * 3 * dim + 64  # propagated + global (max, mean, category): 3392 at D = 384
-        self.head = nn.Sequential(nn.Conv1d(in_channels, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                  nn.Dropout(0.5),  # Point-MAE: dropout 0.5 after the first layer
-                                  nn.Conv1d(512, 256, 1), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
-                                  nn.Conv1d(256, num_parts, 1))
-
-    def forward(self, points, category):
-        num_points = points.shape[1]
-        tokens, centers, _ = self.tokenizer_3d(points)  # (B, G, D), (B, G, 3)  Eq. (3)
-        _, hidden = self.encoder(tokens, self.encoder_pos(centers), return_hidden=self.hidden)  # 3 x (B, G, D)
-        features = torch.cat(hidden, dim=2)  # (B, G, 3D)
-        one_hot = F.one_hot(category, self.num_categories).to(features.dtype)  # (B, categories)
-        global_feature = torch.cat([features.max(dim=1).values, features.mean(dim=1),
-                                    self.category_embed(one_hot).to(features.dtype)], dim=1)  # (B, 6D + 64)
-        per_point = interpolate_from_centers(points, centers, features)  # (B, N, 3D)
-        propagated = torch.cat([points.to(features.dtype), per_point], dim=2)  # (B, N, 3 + 3D), Point-MAE's order
-        propagated = self.propagation(propagated.transpose(1, 2))  # (B, 1024, N)
-        x = torch.cat([propagated, global_feature[:, :, None].expand(-1, -1, num_points)], dim=1)  # (B, 1024+6D+64, N)
-        return self.head(x).transpose(1, 2)  # (B, N, parts)
-
-
-def load_pretrained(model, path, cfg, whole_model=False):
-    """Load a checkpoint into `model`: this project's (pre-training or fine-tuned) or an official Point-MAE file
-    (pre-training, classifier or part segmentation; point_mae_checkpoints.py maps its keys). Its 3-D path must fit.
-    A fine-tuned checkpoint's task head (class token, head, ...) loads too when ALL of it fits this task; otherwise
-    the head starts fresh, and that is said. whole_model=True (--eval_only) requires every tensor of the model.
-    Counts the weights do not show (the number of heads) come from the flags. Returns True when the head loaded."""
-    layout, state, saved = point_mae_checkpoints.project_state(load_checkpoint(path), path)
-    if whole_model and "task" in saved:  # --eval_only of a run of ours: the model and test set it was tested on
-        differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in EVAL_SETTINGS
-                     if name in saved and saved[name] != getattr(cfg, name)]
-        if differing:
-            raise ValueError(f"{path!r} was fine-tuned with other settings than this command: "
-                             f"{'; '.join(differing)}. Pass its settings to evaluate it.")
-    encoder = encoder_state_dict(state)
-    if not encoder:
-        raise ValueError(f"Checkpoint {path!r} ({layout} layout) holds no parameter starting with {ENCODER_PREFIXES}; "
-                         f"expected pretrain.py's or finetune.py's last.pth or an official Point-MAE checkpoint.")
-    own = model.state_dict()
-    for name, value in encoder.items():
-        if name in own and own[name].shape != value.shape:
-            raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: parameter {name} has "
-                             f"shape {tuple(value.shape)} in the checkpoint but {tuple(own[name].shape)} here. Pass "
-                             f"the checkpoint's --dim/--depth/--num_heads (or its --preset).")
-    if saved.get("num_heads", cfg.num_heads) != cfg.num_heads:  # same shapes, different meaning
-        raise ValueError(f"Checkpoint {path!r} was trained with {saved['num_heads']} heads but this model has "
-                         f"{cfg.num_heads}; pass --num_heads {saved['num_heads']}.")
-    # The task head: every tensor of the model outside the 3-D path (cls_token, cls_pos_embed, head.*; part
-    # segmentation: category_embed.*, propagation.*, head.*).
-    head_names = [name for name in own if not name.startswith(ENCODER_PREFIXES)]
-    head_missing = [name for name in head_names if name not in state]
-    head_misfit = [f"{name} {tuple(state[name].shape)} there, {tuple(own[name].shape)} here" for name in head_names
-                   if name in state and state[name].shape != own[name].shape]
-    head_fits = not head_missing and not head_misfit
-    if whole_model and not head_fits:
-        found = (f"tensors of a different shape ({'; '.join(head_misfit[:3])}: fine-tuned for another task or "
-                 f"number of classes?)" if head_misfit else
-                 f"no task head ({len(head_missing)} tensors missing, e.g. {head_missing[:3]}: a pre-training "
-                 f"checkpoint?)")
-        raise ValueError(f"--eval_only needs a model fine-tuned for --task {cfg.task}; checkpoint {path!r} ({layout} "
-                         f"layout) has {found}.")
-    loaded = {**encoder, **({name: state[name] for name in head_names} if head_fits else {})}
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    missing_encoder = [name for name in missing if name.startswith(ENCODER_PREFIXES)]
-    if missing_encoder or unexpected:
-        raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: encoder parameters missing "
-                         f"from it {missing_encoder[:6]} (of {len(missing_encoder)}), unexpected in it "
-                         f"{unexpected[:6]} (of {len(unexpected)}). Was it trained with another --depth?")
-    if head_fits:
-        head_text = "and the task head it was fine-tuned with"
-    elif len(head_missing) < len(head_names):
-        mismatch = "; ".join((head_misfit or head_missing)[:2])
-        head_text = f"only: its task head does not fit this task ({mismatch}), a new one is trained"
-    else:
-        head_text = f"only; new, trained from scratch: {sorted({name.split('.')[0] for name in missing})}"
-    print(f"loaded {path} ({layout} layout): {len(loaded)} tensors, the 3-D path {head_text}; --num_heads "
-          f"{cfg.num_heads} from the flags")
-    return head_fits
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics and the linear SVM (pure functions)
-# ---------------------------------------------------------------------------------------------------------------
-def class_mean_accuracy(predictions, labels, num_classes):
-    """Mean over the classes present in `labels` of each class's accuracy (ScanObjectNN's mAcc)."""
-    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).float()  # (classes,)
-    total = torch.bincount(labels, minlength=num_classes).float()  # (classes,)
-    return (correct[total > 0] / total[total > 0]).mean().item()
-
-
-def part_category_table(part_ranges, device=None):
-    """part_ranges[c] = (first part label, number of parts) of category c (the readers' convention, contiguous
-    ranges) -> the owner category of every part label, (parts,)."""
-    owner = torch.full((max(first + count for first, count in part_ranges),), -1, dtype=torch.long, device=device)
-    for category, (first, count) in enumerate(part_ranges):  # 16 categories: a loop over a table, not over data
-        owner[first:first + count] = category
-    return owner  # (parts,)
-
-
-def restrict_to_category(logits, category, part_ranges):
-    """Predicted part of every point among the parts of its shape's known category (Point-MAE's evaluation):
-    logits (B, N, parts), category (B,) -> (B, N) long."""
-    owner = part_category_table(part_ranges, logits.device)  # (parts,)
-    allowed = owner[None, :] == category[:, None]  # (B, parts)
-    return logits.float().masked_fill(~allowed[:, None, :], float("-inf")).argmax(dim=2)  # (B, N)
-
-
-def part_miou(logits_or_pred, target, category, part_ranges):
-    """Part segmentation metrics (REFERENCE sec. 1): logits (B, N, parts) or predictions (B, N), target (B, N),
-    category (B,). Logits are first restricted to the category's parts. For each shape, the IoU of each part of
-    its category (1 when the part is absent from both prediction and truth), averaged over those parts.
-    Returns (instance mIoU = mean over shapes, class mIoU = mean over categories of their shapes' mean,
-    per-shape mIoU (B,))."""
-    predictions = (restrict_to_category(logits_or_pred, category, part_ranges) if logits_or_pred.is_floating_point()
-                   else logits_or_pred)  # (B, N)
-    owner = part_category_table(part_ranges, target.device)  # (parts,)
-    num_shapes, num_parts, num_categories = target.shape[0], owner.numel(), len(part_ranges)
-    # Counts per (shape, part) by one bincount over shape * parts + label: no loop over shapes or parts.
-    shape_offset = torch.arange(num_shapes, device=target.device)[:, None] * num_parts  # (B, 1)
-    target_index = (target + shape_offset).flatten()  # (B*N,)
-    size = num_shapes * num_parts
-    intersection = torch.bincount(target_index, weights=(predictions == target).flatten().float(), minlength=size)
-    target_count = torch.bincount(target_index, minlength=size).float()  # (B*parts,)
-    predicted_count = torch.bincount((predictions + shape_offset).flatten(), minlength=size).float()  # (B*parts,)
-    union = predicted_count + target_count - intersection  # (B*parts,)
-    iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))  # absent in both: 1
-    iou = iou.reshape(num_shapes, num_parts)  # (B, parts)
-    belongs = (owner[None, :] == category[:, None]).float()  # (B, parts): the parts of each shape's category
-    shape_miou = (iou * belongs).sum(dim=1) / belongs.sum(dim=1)  # (B,)
-    category_sum = torch.zeros(num_categories, device=target.device).index_add_(0, category, shape_miou)
-    category_count = torch.bincount(category, minlength=num_categories).float()  # (categories,)
-    present = category_count > 0
-    class_miou = (category_sum[present] / category_count[present]).mean()
-    return shape_miou.mean().item(), class_miou.item(), shape_miou
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,72 +153,6 @@ def part_miou(logits_or_pred, target, category, part_ranges):
 # ---------------------------------------------------------------------------------------------------------------
 # ScanObjectNN variant -> the synthetic variant that imitates it (synthetic.py): none, clutter, clutter + cut/tilt.
 SYNTHETIC_VARIANT = {"obj_only": "clean", "obj_bg": "background", "pb_t50_rs": "perturbed"}
-# Synthetic stand-ins of ModelNet40 (which stores 8192 points) store this many times num_points per shape.
-STORED_FACTOR = 2
-
-
-def pool_size(num_points, stored):
-    """Point-MAE's FPS pool before the random pick: 1200 points for 1024 (4800 for 4096), never more than stored
-    (so ScanObjectNN's 2048 of 2048 keeps every point): ceil(N * 1200 / 1024), capped at the stored count."""
-    return min(stored, math.ceil(num_points * 1200 / 1024))
-
-
-def training_points(points, num_points, skip_near_origin=False):
-    """Point-MAE's per-step resampling of a training batch: all stored points (B, M, 3) -> FPS of pool_size points
-    from a random start -> a fresh random num_points of them -> (B, N, 3). Point-MAE shuffles the stored points
-    and starts its FPS at index 0, which is a random start; it draws ONE random subset for the whole batch
-    (np.random.choice(pool, N, replace=False)), as here. A new subset every step: no two epochs see the same points."""
-    batch_size, stored, _ = points.shape
-    pool = pool_size(num_points, stored)
-    if pool < stored:  # FPS of all stored points would only reorder them
-        start = torch.randint(stored, (batch_size,), device=points.device)  # (B,) random FPS start
-        points = gather_points(points, farthest_point_sample(points, pool, start, skip_near_origin))  # (B, pool, 3)
-    chosen = torch.randperm(pool, device=points.device)[:num_points]  # (N,) one subset for the batch
-    return points[:, chosen]  # (B, N, 3)
-
-
-def test_points(points, num_points, skip_near_origin=False):
-    """Point-MAE's test input: FPS of num_points of all stored points from index 0 (for its FPS-ordered 8192-point
-    cache, the first num_points). (B, M, 3) -> (B, N, 3); nothing random, every epoch tests the same points."""
-    if points.shape[1] == num_points:
-        return points
-    return gather_points(points, farthest_point_sample(points, num_points, None, skip_near_origin))  # (B, N, 3)
-
-
-def vote_points(points, num_points, passes, generator, skip_near_origin=False):
-    """Point-MAE's voting inputs: FPS of pool_size points from index 0, then for each pass a fresh random
-    num_points of them and a scale-and-translate. (B, M, 3) -> list of `passes` tensors (B, N, 3)."""
-    pool = pool_size(num_points, points.shape[1])
-    if pool < points.shape[1]:
-        points = gather_points(points, farthest_point_sample(points, pool, None, skip_near_origin))  # (B, pool, 3)
-    inputs = []
-    for _ in range(passes):  # 10 passes, each a whole batch
-        chosen = torch.randperm(pool, generator=generator)[:num_points].to(points.device)  # (N,)
-        inputs.append(datasets.scale_and_translate(points[:, chosen], generator))  # (B, N, 3)
-    return inputs
-
-
-def synthetic_episode(way, shot, fold, num_points, queries=20, pool=1000):
-    """An n-way m-shot episode of the synthetic shapes, a pure function of (way, shot, fold, num_points):
-    `way` of the 12 classes, `shot` training shapes of each (train split) and `queries` test shapes of each
-    (test split), labelled 0..way-1. SyntheticShapes labels sample i with i % 12: shape j of class c is c + 12 j.
-    Each shape stores 2 * num_points points, from which training resamples (see training_points)."""
-    num_classes = len(synthetic.SYNTHETIC_CATEGORIES)
-    if way > num_classes:
-        raise ValueError(f"The synthetic shapes have {num_classes} classes; a {way}-way episode is impossible.")
-    # NOTE(unspecified): the episode depends on (way, shot, fold) only, like Point-BERT's fixed episode files.
-    rng = np.random.default_rng([way, shot, fold])
-    classes = rng.choice(num_classes, way, replace=False)  # (way,) the episode's classes, in label order
-    episode = []
-    for split, count in (("train", shot), ("test", queries)):
-        shapes = synthetic.SyntheticShapes(split, STORED_FACTOR * num_points, size=num_classes * pool, seed=0)
-        index = classes[:, None] + num_classes * rng.choice(pool, (way, count), replace=False)  # (way, count)
-        points = torch.stack([shapes[i][0] for i in index.flatten().tolist()])  # (way * count, 2N, 3)
-        labels = torch.arange(way).repeat_interleave(count)  # (way * count,): class k of the episode -> k
-        episode.append(torch.utils.data.TensorDataset(points, labels))
-    return episode  # [train, test]
-
-
 def resolve_data(cfg):
     """'auto' -> 'real' when the task's data folder exists, else 'synthetic', announced loudly. A --data_root given
     but missing is an error: a mistyped path must not run on the synthetic shapes."""
@@ -499,7 +182,7 @@ def build_datasets(cfg):
         raise ValueError(f"--variant must be one of {sorted(SYNTHETIC_VARIANT)}, got {cfg.variant!r}.")
     if cfg.task == "fewshot":
         if synthetic_data:
-            train, test = synthetic_episode(cfg.way, cfg.shot, cfg.fold, cfg.num_points, cfg.queries)
+            train, test = synthetic.synthetic_episode(cfg.way, cfg.shot, cfg.fold, cfg.num_points, cfg.queries)
         else:
             train, test = (datasets.ModelNetFewShot(root, cfg.way, cfg.shot, cfg.fold, split, cfg.num_points)
                            for split in ("train", "test"))
@@ -510,7 +193,7 @@ def build_datasets(cfg):
         # The ModelNet40 and SVM stand-ins store 2 * num_points per shape (ModelNet40 stores 8192) so that the
         # per-step FPS resampling has points to choose from; the scan-like variants store num_points (as 2048).
         variant = SYNTHETIC_VARIANT[cfg.variant] if cfg.task == "scan_objectnn" else "clean"
-        stored = cfg.num_points * (STORED_FACTOR if cfg.task in ("modelnet40", "svm") else 1)
+        stored = cfg.num_points * (synthetic.STORED_FACTOR if cfg.task in ("modelnet40", "svm") else 1)
         train, test = (synthetic.SyntheticShapes(split, stored, size=size, seed=0, variant=variant)
                        for split, size in (("train", cfg.synthetic_train_size), ("test", cfg.synthetic_test_size)))
     elif cfg.task == "scan_objectnn":
@@ -526,45 +209,6 @@ def build_datasets(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, loader, sets, device, use_bf16, num_points, vote_passes=0, generator=None):
-    """Test metrics in %: accuracy and class-mean accuracy, or instance / class mIoU and point accuracy.
-    Classification reads test_points (FPS of num_points); vote_passes > 0: logits averaged over that many
-    vote_points passes (Point-MAE's "voting": a fresh random subset of its FPS pool and a scale-and-translate)."""
-    model.eval()
-    segmentation = "part_ranges" in sets
-    skip = model.tokenizer_3d.skip_near_origin  # the test points are picked by the model's own FPS variant
-    outputs, targets, categories = [], [], []
-    for batch in loader:
-        points = batch[0].to(device)  # (B, M, 3) all stored points (segmentation: N)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if segmentation:
-                category = batch[1].to(device)  # (B,)
-                outputs.append(restrict_to_category(model(points, category), category, sets["part_ranges"]).cpu())
-                targets.append(batch[2])
-                categories.append(batch[1])
-            elif vote_passes:
-                passes = [model(inputs).float() for inputs in vote_points(points, num_points, vote_passes, generator, skip)]
-                outputs.append(torch.stack(passes).mean(dim=0).cpu())  # (B, classes)
-                targets.append(batch[1])
-            else:
-                outputs.append(model(test_points(points, num_points, skip)).float().cpu())  # (B, classes)
-                targets.append(batch[1])
-    target = torch.cat(targets)
-    if segmentation:
-        predictions = torch.cat(outputs)  # (M, N)
-        instance_miou, class_miou, _ = part_miou(predictions, target, torch.cat(categories), sets["part_ranges"])
-        point_accuracy = (predictions == target).float().mean().item()
-        return {"instance_miou": 100 * instance_miou, "class_miou": 100 * class_miou,
-                "point_accuracy": 100 * point_accuracy}
-    predictions = torch.cat(outputs).argmax(dim=1)  # (M,)
-    return {"accuracy": 100 * (predictions == target).float().mean().item(),
-            "class_accuracy": 100 * class_mean_accuracy(predictions, target, sets["num_classes"])}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # One run: fine-tuning (classification, few-shot, part segmentation) or the linear SVM
 # ---------------------------------------------------------------------------------------------------------------
 def task_label(cfg):
@@ -572,11 +216,6 @@ def task_label(cfg):
     label = cfg.task + (f"_{cfg.variant}" if cfg.task == "scan_objectnn" else "")
     label += f"_{cfg.way}way_{cfg.shot}shot" if cfg.task == "fewshot" else ""
     return label + ("_synthetic" if cfg.data == "synthetic" else "")
-
-
-def backbone_arguments(cfg):
-    return dict(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
-                num_heads=cfg.num_heads, drop_path=cfg.drop_path, skip_near_origin=cfg.fps_skip_near_origin)
 
 
 def run_svm(cfg, device, run_dir):
@@ -648,7 +287,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     resuming = cfg.resume and os.path.isfile(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path) if resuming else None
     if resuming:
-        check_same_run(checkpoint["config"], cfg, checkpoint_path)
+        check_same_run(checkpoint["config"], cfg, RUN_SETTINGS, checkpoint_path)
 
     # --- data ---------------------------------------------------------------------------------------------------
     sets = build_datasets(cfg)
@@ -660,13 +299,11 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         raise ValueError(f"The training set has {len(sets['train'])} shapes, fewer than one batch of "
                          f"{cfg.batch_size}; lower --batch_size.")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    local_batch_size = cfg.batch_size // world_size  # each rank's share of the global batch (start_processes checked)
     test_loader = torch.utils.data.DataLoader(sets["test"], batch_size=cfg.batch_size, shuffle=False,
                                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     if is_main:
-        print(f"{name} {len(sets['train'])} training / {len(sets['test'])} test shapes, {steps_per_epoch} "
-              f"steps/epoch" + (f", {world_size} processes of {local_batch_size} shapes a step" if world_size > 1
-                                else ""))
+        print(f"{name} {len(sets['train'])} training / {len(sets['test'])} test shapes, {steps_per_epoch} steps/epoch"
+              + (f", {world_size} processes of {cfg.batch_size // world_size} shapes a step" if world_size > 1 else ""))
 
     # --- model and optimizer --------------------------------------------------------------------------------------
     model = build_model(cfg, sets, load_weights=not resuming)  # a resumed run reads last.pth below
@@ -685,25 +322,17 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         start_epoch, best, metrics = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["last"]
         if is_main:
             print(f"{name} resumed from {checkpoint_path} at epoch {start_epoch}")
-    # Under torchrun the step runs through DDP (gradients averaged over the ranks); the un-wrapped `model` is tested
-    # and saved. static_graph: as pretrain.py, the same parameters take part in every step.
-    train_model = (DistributedDataParallel(model, static_graph=True,
-                                           device_ids=[device.index] if device.type == "cuda" else None)
-                   if world_size > 1 else model)
+    # The step runs through DDP under torchrun (util/distributed.py); `model` itself is tested and saved.
+    train_model = data_parallel(model, device, world_size)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         if world_size > 1:
-            seed_rank_generators(cfg.seed, rank, epoch)  # as pretrain.py (its NOTE): resumable at any world size
+            seed_rank_generators(cfg.seed, rank, epoch)  # resumable at any world size (its NOTE)
         order = epoch_order(len(sets["train"]), cfg.seed, epoch)  # the same global order on every rank
-        loader = torch.utils.data.DataLoader(sets["train"], batch_size=local_batch_size,
-                                             sampler=rank_batches(order, cfg.batch_size, rank, world_size),
-                                             drop_last=True, num_workers=cfg.num_workers,
-                                             pin_memory=device.type == "cuda")
-        # The loss, the correct predictions and the labelled points, summed on the device since the epoch began (in
-        # float64, as Python's floats summed them before: a single process logs the same numbers). Read off the device
-        # only every --log_every steps and at the end of the epoch: no host sync at the other steps.
+        loader = rank_loader(sets["train"], order, cfg.batch_size, rank, world_size, cfg.num_workers, device)
+        # Summed on the device since the epoch began; read every --log_every steps and at the end of the epoch only.
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # (loss, correct, labelled)
         last_read_step, started = epoch * steps_per_epoch - 1, time.time()
         bar = tqdm(loader, desc=f"{name} epoch {epoch}", disable=not cfg.progress or not is_main, leave=False)
@@ -733,20 +362,10 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
             if (batch_index + 1) % cfg.log_every and batch_index + 1 < steps_per_epoch:
                 continue
             # --- every --log_every steps and at epoch end: read the sums (over all ranks), check, show ------------
-            # Under torchrun every rank reads at the same steps, so all see a non-finite loss at once and stop there.
-            # NOTE(unspecified): as in pretrain.py, a non-finite loss is caught up to --log_every steps late and the
-            # weights may have taken those steps; nothing is written after it, so the last good checkpoint stays.
             loss_sum, correct, seen = summed_over_ranks(sums, world_size).tolist()  # the one host sync
             loss_sum /= world_size  # the sum over the steps of the global batch's loss
-            if not math.isfinite(loss_sum):
-                advice = (f"the last good checkpoint {checkpoint_path!r} is untouched: resume with a lower --lr."
-                          if epoch > start_epoch or resuming else  # this run has written (or resumed) a checkpoint
-                          "no checkpoint of this run was written yet (one is written at the end of every epoch): "
-                          "lower --lr and start again.")
-                raise FloatingPointError(f"{name} the loss became {loss_sum} at epoch {epoch}, at a step from "
-                                         f"{last_read_step + 1} to {step} (the loss is read every --log_every "
-                                         f"{cfg.log_every} steps); the weights may have taken up to "
-                                         f"{step - last_read_step} steps since, so nothing more is written; {advice}")
+            stop_if_not_finite({"loss": loss_sum}, epoch, last_read_step + 1, step, cfg.log_every,
+                               last_good=checkpoint_path if epoch > start_epoch or resuming else "", run=f"{name} ")
             last_read_step = step
             bar.set_postfix(loss=f"{loss_sum / (batch_index + 1):.4f}", lr=f"{lr:.2e}")
 
@@ -759,12 +378,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
                   "train_accuracy": 100 * correct / max(seen, 1)}
         test_text = "not tested this epoch"
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:  # the last epoch is always tested
-            # NOTE(unspecified): the test pass draws from its own seeded stream (ShapeNetPart resamples its points
-            # on every access), so every epoch sees the same test points and testing never shifts the training's
-            # stream.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                metrics = evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points)
+            metrics = test_pass(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.seed)  # its NOTE
             if metrics[main_metric] > best.get(main_metric, -1.0):
                 best["epoch"] = epoch
             # NOTE(unspecified): "best" = each metric's maximum over the tested epochs on the test set, as Point-MAE
@@ -777,10 +391,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         record["seconds"] = round(time.time() - started, 2)
         print(f"{name} epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
               f"train {record['train_accuracy']:.2f}% | {test_text} | {record['seconds']} s")
-        if epoch == start_epoch:  # as pretrain.py: an earlier run's log is replaced only once this run has an epoch
-            truncate_log(log_path, start_epoch)
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        write_log_line(log_path, record, start_epoch)  # the first epoch of a run replaces the lines it redoes
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "config": dataclasses.asdict(cfg), "epoch": epoch,
                                           "step": (epoch + 1) * steps_per_epoch, "rng": snapshot, "best": best,
@@ -794,8 +405,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     if cfg.vote and not segmentation:
         # NOTE(unspecified): voting reads the final model (not the best epoch's) with one seeded vote, no
         # best-of-many repetition; it is always reported under the name "voted".
-        generator = torch.Generator().manual_seed(cfg.seed)
-        voted = evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.vote_passes, generator)
+        voted = test_pass(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.seed, cfg.vote_passes)
         result.update({f"voted_{key}": value for key, value in voted.items()})
         print(f"{name} voted ({cfg.vote_passes} augmented passes): "
               + " ".join(f"{key} {value:.2f}%" for key, value in voted.items()))
@@ -812,30 +422,16 @@ def run_eval(cfg, device, run_dir):
     model = build_model(cfg, sets, whole_model=True).to(device)
     test_loader = torch.utils.data.DataLoader(sets["test"], batch_size=cfg.batch_size, shuffle=False,
                                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    with torch.random.fork_rng(devices=[]):  # as run_finetune's test pass
-        torch.manual_seed(cfg.seed)
-        result = {"seed": cfg.seed, "fold": cfg.fold,
-                  **evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points)}
+    result = {"seed": cfg.seed, "fold": cfg.fold,  # run_finetune's test pass
+              **test_pass(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.seed)}
     if cfg.task != "partseg":  # Point-MAE's voting, as run_finetune's --vote
-        generator = torch.Generator().manual_seed(cfg.seed)
-        voted = evaluate(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.vote_passes, generator)
+        voted = test_pass(model, test_loader, sets, device, use_bf16, cfg.num_points, cfg.seed, cfg.vote_passes)
         result.update({f"voted_{key}": value for key, value in voted.items()})
     print(f"[{task_label(cfg)} seed {cfg.seed}] {len(sets['test'])} test shapes: "
           + " ".join(f"{key} {value:.2f}%" for key, value in result.items() if key not in ("seed", "fold")))
     with open(os.path.join(run_dir, "eval.json"), "w") as handle:
         json.dump({**result, "checkpoint": cfg.checkpoint}, handle, indent=1)
     return result
-
-
-def check_same_run(saved, cfg, path):
-    """A resumed or read-back run must be the run this command describes; refuse one started with other settings
-    (it would be continued, or reported, under this command's header). Fields a checkpoint lacks are not compared."""
-    differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in RUN_SETTINGS
-                 if name in saved and saved[name] != getattr(cfg, name)]
-    if differing:
-        raise ValueError(f"{path!r} was started with other settings than this command: {'; '.join(differing)}. Pass "
-                         f"its settings to continue it, --overwrite without --resume to start it again, or another "
-                         f"--out_dir.")
 
 
 def check_config(cfg):
@@ -847,7 +443,8 @@ def check_config(cfg):
          f"--variant must be one of {sorted(SYNTHETIC_VARIANT)}, got {cfg.variant!r}."),
         (not cfg.vote or cfg.task in ("scan_objectnn", "modelnet40", "fewshot"),
          f"--vote averages classification logits; it does not apply to --task {cfg.task}."),
-        (not cfg.vote or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got {cfg.vote_passes}."),
+        (not (cfg.vote or cfg.eval_only) or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got "
+                                                                  f"{cfg.vote_passes}."),
         (not cfg.folds or cfg.task == "fewshot", f"--folds selects few-shot episodes; it does not apply to --task "
                                                  f"{cfg.task}."),
         (cfg.eval_every >= 1, f"--eval_every must be at least 1 (test every N epochs), got {cfg.eval_every}."),
@@ -857,18 +454,10 @@ def check_config(cfg):
         (not cfg.eval_only or cfg.task != "svm", "--eval_only tests a fine-tuned model; --task svm trains none "
                                                  "(it already only evaluates --checkpoint)."),
         (not cfg.eval_only or not cfg.resume, "--eval_only trains nothing, so there is nothing to --resume."),
-        (not cfg.eval_only or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got {cfg.vote_passes}."),
     ] + schedule_and_size_checks(cfg)  # epochs, warm-up, batch, groups vs points, learning rates (pretrain.py)
     for passed, message in checks:
         if not passed:
             raise ValueError(message)
-
-
-def parse_list(text, name):
-    try:
-        return [int(value) for value in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--{name} expects comma-separated integers such as '0,1,2', got {text!r}.") from None
 
 
 def main(cfg):

@@ -43,6 +43,7 @@ prints every shape and draws the 3 views with the saliency and the chosen visibl
 """
 import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,7 @@ from kat import KATransformer
 from masking import gather_tokens, num_visible, random_masking, sample_without_replacement, split_visible_masked
 from render import MultiViewRenderer
 from tokenizer import (CenterEmbedding, PointTokenizer, frozen_clip_tower, gather_points, knn_indices,
-                       run_tower_with_attention)
+                       random_tower_spec, run_tower_with_attention)
 
 PROJECTIONS = ("orthographic", "realistic")
 # proj2img's three views, pts_1 = (x, y, z), pts_2 = (z, x, y), pts_3 = (y, z, x): coordinates (row, column, value).
@@ -68,8 +69,49 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# pretrain.py --method i2p_mae: this file's fields of its Config, defaults, checks and constructor
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """I2P-MAE's own fields of pretrain.py's Config; its backbone and 3-D tokens are kr_mae.Settings' fields."""
+    # --- I2P-MAE (--method i2p_mae; i2p_mae.py; Zhang et al., CVPR 2023, official code) ----------------------------
+    i2p_guided: bool = True         # 2D-guided masking (mask_2D_guided); False: random (supplement Table 1)
+    i2p_saliency_temperature: float = 1.0  # softmax temperature of the saliency (official: 1, none)
+    i2p_target_points: int = 8      # 2-D targets per visible token: its nearest points (official: 8 per token)
+    i2p_weight_2d: float = 1.0      # loss = L_3D + L_2D (official runner: 1 : 1)
+    i2p_projection: str = "orthographic"  # official proj2img (3 axis views, 5x5 sum splat); "realistic": render.py
+
+
+# What --method i2p_mae sets before --preset and the flags, and its paper's data settings unless --matched.
+DEFAULTS = {"i2p_mae": dict(image_size=224)}  # I2P-MAE: CLIP ViT-B/16 at 224 x 224 (14 x 14 patches)
+PAPER_SETTINGS = {"i2p_mae": dict(num_points=2048, mask_ratio=0.8, batch_size=64)}  # official config: 2,048, 0.8, 64
+
+
+def check(cfg):
+    """--method i2p_mae's settings that cannot work, as (passed, message) pairs for pretrain.check_config (the
+    saliency temperature is checked for every method: kr_mae's --masking saliency uses it too)."""
+    return [
+        (1 <= cfg.i2p_target_points <= cfg.group_size,
+         f"--i2p_target_points must be between 1 and --group_size ({cfg.group_size}), got {cfg.i2p_target_points}."),
+        (cfg.i2p_projection in ("orthographic", "realistic"),
+         f"--i2p_projection must be 'orthographic' or 'realistic', got {cfg.i2p_projection!r}."),
+    ]
+
+
+def build(cfg):
+    """pretrain.py's Config -> I2PMAE, on KR-MAE's backbone fields and its CLIP tower flags."""
+    return I2PMAE(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                  num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+                  drop_path=cfg.drop_path, mask_ratio=cfg.mask_ratio, image_size=cfg.image_size,
+                  clip_model=cfg.clip_model, random_tower=random_tower_spec(cfg.clip_random_tower),
+                  guided=cfg.i2p_guided, saliency_temperature=cfg.i2p_saliency_temperature,
+                  target_points=cfg.i2p_target_points, weight_2d=cfg.i2p_weight_2d,
+                  projection=cfg.i2p_projection, skip_near_origin=cfg.fps_skip_near_origin)
+
+
 def chamfer_distance(predicted, target):
-    """Squared-L2 Chamfer distance per group: (M, K, 3), (M, K', 3) -> (M,). Twin of pretrain.chamfer_distance."""
+    """Squared-L2 Chamfer distance per group: (M, K, 3), (M, K', 3) -> (M,). Twin of kr_mae.chamfer_distance."""
     squared = torch.cdist(predicted.float(), target.float()).pow(2)  # (M, K, K')
     return squared.min(dim=2).values.mean(dim=1) + squared.min(dim=1).values.mean(dim=1)  # (M,)
 
@@ -208,7 +250,7 @@ class CLIPTeacher(nn.Module):
     def __init__(self, image_size=224, clip_model="ViT-B/16", random_tower=None):
         super().__init__()
         # NOTE(deviation): the official code runs CLIP in fp16; we keep fp32 weights, which the training script stores
-        # in bf16 when it runs under bf16 autocast (pretrain.cast_frozen_towers, CLIP's recipe), as the other tower.
+        # in bf16 when it runs under bf16 autocast (util/weights.cast_frozen_towers, CLIP's recipe), as the other tower.
         self.visual, self.grid_size = frozen_clip_tower(image_size, clip_model, random_tower)  # g: 224 / 16 = 14
         # The training script leaves a pre-trained tower out of its checkpoints (a random one is saved).
         self.visual_is_pretrained = random_tower is None
@@ -256,7 +298,7 @@ class I2PMAE(nn.Module):
         # 512 first-level centres); our tokens group K = 32 input points, so the target takes each visible token's
         # T = 8 nearest input points (T = K is allowed but costs a 384 -> 49,152 head).
         self.target_points, self.weight_2d = target_points, weight_2d  # official runner: loss_3d + loss_2d
-        # The 3-D path fine-tuning keeps, named and built exactly as pretrain.KRMAE's (PEERS.md section 1).
+        # The 3-D path fine-tuning keeps, named and built exactly as kr_mae.KRMAE's (PEERS.md section 1).
         self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim,
                                            skip_near_origin=skip_near_origin)
         self.encoder_pos = CenterEmbedding(dim=dim)

@@ -33,6 +33,7 @@ every shape and draws the depth map with its masks, the attention mask and both 
 """
 import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -58,8 +59,60 @@ MAX_ELEVATION = math.pi / 9
 NEAR_PLANE = 1e-4
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# pretrain.py --method joint_mae: this file's fields of its Config, defaults, checks and constructor
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Joint-MAE's own fields of pretrain.py's Config; its backbone and 3-D tokens are kr_mae.Settings' fields."""
+    # --- Joint-MAE (--method joint_mae; joint_mae.py; Guo et al., IJCAI 2023) ------------------------------------
+    joint_mask_ratio_2d: float = 0.75   # Joint-MAE sec. 3: random masking of both modalities, "e.g., 75 %"
+    joint_patch_size: int = 16      # Joint-MAE Eq. (2): the 2-D tokens downsample 1/16 (224 -> 14 x 14)
+    joint_projection: str = "perspective"  # Eq. (1): PointCLIP's perspective depth map; "realistic": render.py
+    joint_local_3d_to_2d: bool = True   # Table 6: local-aligned attention from 3-D queries to 2-D keys (False: global)
+    joint_local_2d_to_3d: bool = True   # Table 6: local-aligned attention from 2-D queries to 3-D keys (False: global)
+    joint_modality_3d: bool = True  # sec. 3.2: a learnable 3-D modality token M_3D (False: M_3D = 0, M_2D only)
+    joint_cross_views: int = 4      # Table 8: views of the cross-reconstruction loss L_3D-2D (4); 0 drops the term
+    joint_weight_3d: float = 1.0    # Eq. (7): L = L_2D + L_3D + L_3D-2D, weights 1 : 1 : 1
+    joint_weight_2d: float = 1.0    # Eq. (7)
+    joint_weight_cross: float = 1.0  # Eq. (7)
+
+
+# What --method joint_mae sets before --preset and the flags: the parts of its architecture that differ from KR-MAE's.
+DEFAULTS = {"joint_mae": dict(image_size=224, decoder_depth=2)}  # Joint-MAE sec. 4.1: 224 x 224; 2-block shared decoder
+# Its paper's data settings, unless --matched (then Point-MAE's, as every method).
+PAPER_SETTINGS = {"joint_mae": dict(num_points=2048, mask_ratio=0.75)}  # sec. 4.1: 2,048 points; sec. 3.1: 75 %
+
+
+def check(cfg):
+    """--method joint_mae's settings that cannot work, as (passed, message) pairs for pretrain.check_config."""
+    patches = (cfg.image_size // cfg.joint_patch_size) ** 2 if cfg.joint_patch_size > 0 else 0
+    return [
+        (cfg.joint_patch_size > 0 and cfg.image_size % cfg.joint_patch_size == 0,
+         f"--image_size ({cfg.image_size}) must be a multiple of --joint_patch_size ({cfg.joint_patch_size})."),
+        (0 <= cfg.joint_mask_ratio_2d < 1 and 1 <= int(cfg.joint_mask_ratio_2d * patches) < patches,
+         f"--joint_mask_ratio_2d {cfg.joint_mask_ratio_2d} must mask at least one and keep at least one of the "
+         f"{patches} 2-D tokens."),
+        (cfg.joint_projection in ("perspective", "realistic"),
+         f"--joint_projection must be 'perspective' or 'realistic', got {cfg.joint_projection!r}."),
+        (cfg.joint_cross_views >= 0, f"--joint_cross_views must be 0 or more, got {cfg.joint_cross_views}."),
+    ]
+
+
+def build(cfg):
+    """pretrain.py's Config -> JointMAE, on KR-MAE's backbone fields."""
+    return JointMAE(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim, depth=cfg.depth,
+                    num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+                    drop_path=cfg.drop_path, mask_ratio=cfg.mask_ratio, mask_ratio_2d=cfg.joint_mask_ratio_2d,
+                    image_size=cfg.image_size, patch_size=cfg.joint_patch_size, projection=cfg.joint_projection,
+                    local_3d_to_2d=cfg.joint_local_3d_to_2d, local_2d_to_3d=cfg.joint_local_2d_to_3d,
+                    modality_token_3d=cfg.joint_modality_3d, cross_views=cfg.joint_cross_views,
+                    weight_3d=cfg.joint_weight_3d, weight_2d=cfg.joint_weight_2d,
+                    weight_cross=cfg.joint_weight_cross, skip_near_origin=cfg.fps_skip_near_origin)
+
+
 def chamfer_distance(predicted, target):
-    """Squared-L2 Chamfer distance per group: (M, K, 3), (M, K', 3) -> (M,). Twin of pretrain.chamfer_distance."""
+    """Squared-L2 Chamfer distance per group: (M, K, 3), (M, K', 3) -> (M,). Twin of kr_mae.chamfer_distance."""
     squared = torch.cdist(predicted.float(), target.float()).pow(2)  # (M, K, K')
     return squared.min(dim=2).values.mean(dim=1) + squared.min(dim=1).values.mean(dim=1)  # (M,)
 
@@ -260,7 +313,7 @@ def local_aligned_mask(center_patch, visible_index_2d, local_3d_to_2d=True, loca
 # ---------------------------------------------------------------- the model
 class JointMAE(nn.Module):
     """Joint-MAE pre-training model (paper Figure 2). The 3-D path (`tokenizer_3d`, `encoder_pos`, `encoder`) has
-    pretrain.KRMAE's names and classes, so fine-tuning loads it unchanged; the rest is pre-training only."""
+    kr_mae.KRMAE's names and classes, so fine-tuning loads it unchanged; the rest is pre-training only."""
 
     def __init__(self, num_groups=64, group_size=32, dim=384, depth=12, num_heads=6, decoder_depth=2,
                  decoder_heads=6, drop_path=0.1, mask_ratio=0.75, mask_ratio_2d=0.75, image_size=224,

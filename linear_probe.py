@@ -58,7 +58,7 @@ LINEAR_SVC_MAX_ITER = 10_000
 # -------------------------------------------------------------------------------------------------------------------
 def encoder_tokens(model, points):
     """Encoder output tokens with every group visible and no 2-D tokens (the 3-D path only). `model` is any module
-    with `tokenizer_3d`, `encoder_pos` and `encoder` (finetune.PointEncoder, pretrain.KRMAE)."""
+    with `tokenizer_3d`, `encoder_pos` and `encoder` (downstream.PointEncoder, kr_mae.KRMAE)."""
     tokens, centers, _ = model.tokenizer_3d(points)  # (B, G, D), (B, G, 3)
     return model.encoder(tokens, model.encoder_pos(centers))  # (B, G, D)
 

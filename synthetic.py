@@ -12,7 +12,8 @@ Map of this file
                            each sampled uniformly by area, vectorised numpy.
   3. Synthetic categories  12 objects built from named parts (table, chair, lamp, airplane, mug, ...).
   4. Synthetic variants    "clean" (like ScanObjectNN's OBJ-ONLY), "background" (like OBJ-BG), "perturbed" (like
-                           PB-T50-RS), and the SyntheticShapes dataset.
+                           PB-T50-RS), the SyntheticShapes dataset, and synthetic_episode: finetune.py --task
+                           fewshot's n-way m-shot episodes of these shapes.
   5. Demo                  python synthetic.py [--out synthetic_demo.png]
 
 What SyntheticShapes returns, for every variant
@@ -560,6 +561,31 @@ class SyntheticShapes(Dataset):
         rng = np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], index])
         points, parts = synthetic_sample(label, self.num_points, self.variant, rng)  # (N, 3), (N,)
         return _to_tensors(points, label, parts)
+
+
+# Synthetic stand-ins of ModelNet40 (which stores 8192 points) store this many times num_points per shape.
+STORED_FACTOR = 2
+
+
+def synthetic_episode(way, shot, fold, num_points, queries=20, pool=1000):
+    """An n-way m-shot episode of the synthetic shapes, a pure function of (way, shot, fold, num_points):
+    `way` of the 12 classes, `shot` training shapes of each (train split) and `queries` test shapes of each
+    (test split), labelled 0..way-1. SyntheticShapes labels sample i with i % 12: shape j of class c is c + 12 j.
+    Each shape stores 2 * num_points points, from which training resamples (see downstream.training_points)."""
+    num_classes = len(SYNTHETIC_CATEGORIES)
+    if way > num_classes:
+        raise ValueError(f"The synthetic shapes have {num_classes} classes; a {way}-way episode is impossible.")
+    # NOTE(unspecified): the episode depends on (way, shot, fold) only, like Point-BERT's fixed episode files.
+    rng = np.random.default_rng([way, shot, fold])
+    classes = rng.choice(num_classes, way, replace=False)  # (way,) the episode's classes, in label order
+    episode = []
+    for split, count in (("train", shot), ("test", queries)):
+        shapes = SyntheticShapes(split, STORED_FACTOR * num_points, size=num_classes * pool, seed=0)
+        index = classes[:, None] + num_classes * rng.choice(pool, (way, count), replace=False)  # (way, count)
+        points = torch.stack([shapes[i][0] for i in index.flatten().tolist()])  # (way * count, 2N, 3)
+        labels = torch.arange(way).repeat_interleave(count)  # (way * count,): class k of the episode -> k
+        episode.append(torch.utils.data.TensorDataset(points, labels))
+    return episode  # [train, test]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -228,6 +228,18 @@ def load_clip_tower(clip_model="ViT-B/16"):
     return model.visual.float()
 
 
+def random_tower_spec(text):
+    """--clip_random_tower '64,2,2' -> dict(width=64, layers=2, heads=2, patch_size=16), the random_tower of
+    ImagePatchTokenizer and frozen_clip_tower; '' -> None (CLIP's pre-trained tower)."""
+    if not text:
+        return None
+    try:
+        width, layers, heads = (int(value) for value in text.split(","))
+    except ValueError:
+        raise ValueError(f"--clip_random_tower expects 'width,layers,heads' such as '768,12,12', got {text!r}.")
+    return dict(width=width, layers=layers, heads=heads, patch_size=16)
+
+
 def build_random_tower(image_size, width, layers, heads, patch_size=16):
     """A randomly initialised CLIP VisionTransformer (same code as the pre-trained one) for tests and the CPU preset."""
     clip = import_clip()

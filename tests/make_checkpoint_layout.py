@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
+from util import optim, weights
 
 METHODS = ("kr_mae", "point_mae", "joint_mae", "i2p_mae", "crossalignnet")
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checkpoint_layout.json")
@@ -27,8 +28,8 @@ PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checkpo
 def optimizer_layout(model, cfg):
     """The parameter names of each AdamW group, in order, and each group's settings without its parameters."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    groups = pretrain.make_optimizer(model, cfg, torch.device("cpu")).state_dict()["param_groups"]
-    ordered = [name for group in pretrain.parameter_groups(model, cfg.weight_decay) for name in
+    groups = optim.make_optimizer(model, cfg, torch.device("cpu")).state_dict()["param_groups"]
+    ordered = [name for group in optim.parameter_groups(model, cfg.weight_decay) for name in
                (names[id(parameter)] for parameter in group["params"])]
     sizes = [len(group["params"]) for group in groups]
     return {"groups": [ordered[:sizes[0]], ordered[sizes[0]:]],
@@ -47,7 +48,7 @@ def main():
     for method in METHODS:
         cfg = pretrain.build_config(["--method", method, "--preset", "tiny"])
         model = pretrain.build_model(cfg)
-        manifest["pretrain"][method] = layout(model, pretrain.trainable_state(model), cfg)
+        manifest["pretrain"][method] = layout(model, weights.trainable_state(model), cfg)
     for name, task in (("classifier", "modelnet40"), ("part_segmenter", "partseg")):
         cfg = finetune.build_config(["--task", task, "--preset", "tiny", "--data", "synthetic"])
         sets = finetune.build_datasets(cfg)

@@ -11,8 +11,10 @@ import os
 import pytest
 import torch
 
+import downstream
 import finetune
 import pretrain
+from util import optim, weights
 from util.checkpoints import load_checkpoint, rng_state, save_checkpoint
 
 torch.set_num_threads(2)
@@ -26,7 +28,7 @@ FINETUNED = {"classifier": "modelnet40", "part_segmenter": "partseg"}
 def built_layout(model, state, cfg):
     """What make_checkpoint_layout.py records, for a model built by the code as it is."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    optimizer = pretrain.make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = optim.make_optimizer(model, cfg, torch.device("cpu"))
     return {"model": [[name, list(value.shape), str(value.dtype)] for name, value in state.items()],
             "groups": [[names[id(parameter)] for parameter in group["params"]] for group in optimizer.param_groups]}
 
@@ -34,7 +36,7 @@ def built_layout(model, state, cfg):
 def pretrain_model(method):
     cfg = pretrain.build_config(["--method", method, "--preset", "tiny"])
     model = pretrain.build_model(cfg)
-    return cfg, model, pretrain.trainable_state(model)
+    return cfg, model, weights.trainable_state(model)
 
 
 def finetuned_model(name):
@@ -98,9 +100,9 @@ def test_a_pretraining_checkpoint_in_the_recorded_layout_resumes_and_fine_tunes(
     # finetune.py --checkpoint (the resumed run's checkpoint): every tensor of the 3-D path loads, unchanged.
     fine_cfg = finetune.build_config(["--task", "modelnet40", "--preset", "tiny", "--data", "synthetic",
                                       "--checkpoint", path])
-    classifier = finetune.Classifier(12, **finetune.backbone_arguments(fine_cfg))
-    finetune.load_pretrained(classifier, path, fine_cfg)
-    encoder = [name for name in classifier.state_dict() if name.startswith(pretrain.ENCODER_PREFIXES)]
+    classifier = downstream.Classifier(12, **downstream.backbone_arguments(fine_cfg))
+    weights.load_pretrained(classifier, path, fine_cfg)
+    encoder = [name for name in classifier.state_dict() if name.startswith(weights.ENCODER_PREFIXES)]
     assert len(encoder) > 20
     assert all(torch.equal(classifier.state_dict()[name], resumed["model"][name]) for name in encoder)
 
@@ -126,6 +128,6 @@ def test_a_fine_tuned_checkpoint_in_the_recorded_layout_resumes_and_is_evaluated
     # --eval_only --checkpoint: the recorded layout is a whole fine-tuned model, its task head included.
     eval_cfg = finetune.build_config(flags + ["--checkpoint", path])
     model = finetune.build_model(eval_cfg, finetune.build_datasets(eval_cfg), load_weights=False)
-    assert finetune.load_pretrained(model, path, eval_cfg, whole_model=True)  # True: the task head loaded too
+    assert weights.load_pretrained(model, path, eval_cfg, whole_model=True)  # True: the task head loaded too
     evaluated = finetune.main(finetune.build_config(flags + ["--eval_only", "--checkpoint", path]))
     assert f"last_{metric}" not in evaluated and f"{metric}" in evaluated

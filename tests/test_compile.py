@@ -15,6 +15,7 @@ import torch
 import torch._inductor.config
 
 import pretrain
+from util import weights
 
 torch.set_num_threads(2)
 
@@ -47,7 +48,7 @@ def test_compiled_training_gives_the_eager_losses_and_an_eager_checkpoint(tmp_pa
     assert not [name for name in state if "_orig_mod" in name]
     cfg = pretrain.build_config(SMALL)
     model = pretrain.build_model(cfg)
-    pretrain.load_trainable_state(model, state)
+    weights.load_trainable_state(model, state)
     reference = pretrain.load_checkpoint(str(tmp_path / "eager" / "last.pth"))["model"]
     assert state.keys() == reference.keys()
 

@@ -27,10 +27,12 @@ import torch
 import torch.multiprocessing as mp
 
 import datasets
-from util import distributed
+import downstream
 import finetune
-import pretrain
+import kr_mae
 from masking import random_masking
+import pretrain
+from util import distributed
 
 torch.set_num_threads(2)
 
@@ -57,7 +59,7 @@ def config(out_dir, *flags):
 # ---------------------------------------------------------------- test-only: fixed masks, the loss of every step
 
 def same_mask_for_every_shape(batch_size, num_groups, mask_ratio, device=None, generator=None):
-    """pretrain.random_masking's stand-in: the mask that a generator seeded with 0 draws for one shape, for every
+    """kr_mae.random_masking's stand-in: the mask that a generator seeded with 0 draws for one shape, for every
     shape of every step, so the masks no longer depend on the random stream nor on how the batch is split."""
     visible, masked = random_masking(1, num_groups, mask_ratio, device, torch.Generator().manual_seed(0))
     return visible.expand(batch_size, -1), masked.expand(batch_size, -1)  # (B, Gv), (B, Gm)
@@ -66,15 +68,15 @@ def same_mask_for_every_shape(batch_size, num_groups, mask_ratio, device=None, g
 def patch_pretrain(patch, trace):
     """Fix the masks and append the reconstruction loss of every step (this process's batch) to `trace`; `patch` is
     a pytest MonkeyPatch."""
-    chamfer_distance = pretrain.chamfer_distance
+    chamfer_distance = kr_mae.chamfer_distance
 
     def recorded(predicted, target):
         errors = chamfer_distance(predicted, target)  # (M,), M = every masked group of this process's batch
         trace.append(errors.mean().item())  # = loss_rec of the step: the picture is off, so one call a step
         return errors
 
-    patch.setattr(pretrain, "random_masking", same_mask_for_every_shape)
-    patch.setattr(pretrain, "chamfer_distance", recorded)
+    patch.setattr(kr_mae, "random_masking", same_mask_for_every_shape)
+    patch.setattr(kr_mae, "chamfer_distance", recorded)
 
 
 def patch_finetune(patch, trace):
@@ -268,7 +270,7 @@ def classifier_function(run_dir, cfg):
     a BatchNorm, and here also the encoder's last LayerNorm bias, which only shifts the head's first BatchNorm input).
     With the BatchNorm running variances, which training-mode outputs do not read."""
     sets = finetune.build_datasets(cfg)
-    model = finetune.Classifier(sets["num_classes"], **finetune.backbone_arguments(cfg))
+    model = downstream.Classifier(sets["num_classes"], **downstream.backbone_arguments(cfg))
     state = pretrain.load_checkpoint(str(run_dir / "last.pth"))["model"]
     model.load_state_dict(state)
     for layer in model.modules():
@@ -276,7 +278,7 @@ def classifier_function(run_dir, cfg):
             layer.p = 0.0
     points = torch.stack([sets["test"][index][0] for index in range(8)])  # (8, M, 3)
     with torch.no_grad():
-        logits = model.train()(finetune.test_points(points, cfg.num_points))  # (8, classes)
+        logits = model.train()(downstream.test_points(points, cfg.num_points))  # (8, classes)
     return logits, [value for name, value in state.items() if name.endswith("running_var")]
 
 
@@ -345,14 +347,14 @@ def test_one_non_finite_step_between_two_reads_still_stops_the_run_before_its_ch
     pretrain.main(config(tmp_path, "--synthetic_size", "32", "--epochs", "1"))  # 4 steps: the checkpoint of epoch 0
     before = (tmp_path / "last.pth").read_bytes()
     calls = []
-    chamfer_distance = pretrain.chamfer_distance
+    chamfer_distance = kr_mae.chamfer_distance
 
     def one_nan_step(predicted, target):  # the second step of epoch 1 alone is NaN; the steps after it are finite
         calls.append(1)
         errors = chamfer_distance(predicted, target)
         return errors * float("nan") if len(calls) == 2 else errors
 
-    monkeypatch.setattr(pretrain, "chamfer_distance", one_nan_step)
+    monkeypatch.setattr(kr_mae, "chamfer_distance", one_nan_step)
     with pytest.raises(FloatingPointError) as error:
         pretrain.main(config(tmp_path, "--synthetic_size", "32", "--epochs", "2", "--resume",
                              str(tmp_path / "last.pth")))

@@ -8,9 +8,12 @@ import torch
 from PIL import Image
 
 import figures
-import pretrain
+from kr_mae import KRMAE
 from masking import num_visible
-from pretrain import Config, KRMAE, parse_config
+import pretrain
+from pretrain import Config
+from util import weights
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -64,7 +67,7 @@ def test_loaded_model_scores_like_the_model_that_was_trained(run, model):
     checkpoint = pretrain.load_checkpoint(str(run / "last.pth"))
     torch.manual_seed(checkpoint["config"]["seed"])
     trained = KRMAE(Config(**checkpoint["config"]))
-    pretrain.load_trainable_state(trained, checkpoint["model"])
+    weights.load_trainable_state(trained, checkpoint["model"])
     points = figures.sample_shape("airplane", model.cfg.num_points).unsqueeze(0)  # (1, N, 3)
     with torch.no_grad():
         scores = []
@@ -98,7 +101,7 @@ def test_masking_figure_random_vs_reinforced_is_seeded(model, tmp_path):
 def test_a_3d_only_random_masking_checkpoint_draws_views_and_one_mask(tmp_path):
     cfg = tiny_config(tmp_path, use_2d=False, masking="random")
     torch.manual_seed(0)
-    pretrain.save_checkpoint(str(tmp_path / "plain.pth"), {"model": pretrain.trainable_state(KRMAE(cfg)),
+    pretrain.save_checkpoint(str(tmp_path / "plain.pth"), {"model": weights.trainable_state(KRMAE(cfg)),
                                                            "config": dataclasses.asdict(cfg)})
     plain = figures.load_model(str(tmp_path / "plain.pth"))
     points = figures.sample_shape("chair", cfg.num_points)  # (N, 3)

@@ -9,9 +9,13 @@ import pytest
 import torch
 
 import datasets
+import downstream
 import finetune
+import kr_mae
 import pretrain
 import synthetic
+from util import weights
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -37,7 +41,7 @@ def test_part_miou_hand_made_case_with_absent_part_and_category_restriction():
     target = torch.tensor([[0, 0, 1, 1], [3, 3, 3, 4]])
     prediction = torch.tensor([[0, 1, 1, 1], [3, 3, 4, 4]])
     category = torch.tensor([0, 1])
-    instance, klass, per_shape = finetune.part_miou(prediction, target, category, ranges)
+    instance, klass, per_shape = downstream.part_miou(prediction, target, category, ranges)
     # Shape 0: part 0 IoU 1/2, part 1 IoU 2/3, part 2 absent from both -> 1.  Shape 1: 2/3 and 1/2.
     expected = torch.tensor([(1 / 2 + 2 / 3 + 1) / 3, (2 / 3 + 1 / 2) / 2])
     assert torch.allclose(per_shape, expected)
@@ -45,10 +49,10 @@ def test_part_miou_hand_made_case_with_absent_part_and_category_restriction():
     # Logits: the largest logit of the first point is part 4 (another category's), restriction picks part 0.
     logits = torch.full((2, 4, 5), -5.0).scatter(2, prediction[..., None], 1.0)
     logits[0, 0, 4] = 9.0
-    assert finetune.restrict_to_category(logits, category, ranges)[0, 0] == 0
-    assert torch.allclose(finetune.part_miou(logits, target, category, ranges)[2], expected)
+    assert downstream.restrict_to_category(logits, category, ranges)[0, 0] == 0
+    assert torch.allclose(downstream.part_miou(logits, target, category, ranges)[2], expected)
     # Class mIoU averages categories, not shapes: a third shape of category 0 with IoU 1 moves them apart.
-    instance, klass, _ = finetune.part_miou(torch.cat([prediction, target[:1]]), torch.cat([target, target[:1]]),
+    instance, klass, _ = downstream.part_miou(torch.cat([prediction, target[:1]]), torch.cat([target, target[:1]]),
                                            torch.tensor([0, 1, 0]), ranges)
     assert instance == pytest.approx((expected.sum().item() + 1) / 3)
     assert klass == pytest.approx(((expected[0].item() + 1) / 2 + expected[1].item()) / 2)
@@ -58,7 +62,7 @@ def test_interpolation_matches_a_slow_loop():
     generator = torch.Generator().manual_seed(0)
     points, centers = torch.randn(2, 7, 3, generator=generator), torch.randn(2, 4, 3, generator=generator)
     features = torch.randn(2, 4, 5, generator=generator)
-    fast = finetune.interpolate_from_centers(points, centers, features)
+    fast = downstream.interpolate_from_centers(points, centers, features)
     for b in range(2):
         for n in range(7):
             squared = ((centers[b] - points[b, n]) ** 2).sum(dim=1)
@@ -71,13 +75,13 @@ def test_interpolation_matches_a_slow_loop():
 # ---------------------------------------------------------------- few-shot episodes, configuration
 
 def test_synthetic_fewshot_episodes():
-    train, test = finetune.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
+    train, test = synthetic.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
     assert len(train) == 5 * 3 and len(test) == 5 * 20
     assert train.tensors[0].shape == (15, 128, 3)  # 2 x 64 stored points, resampled per step like ModelNet40's
     assert torch.bincount(train.tensors[1]).tolist() == [3] * 5 and torch.bincount(test.tensors[1]).tolist() == [20] * 5
     # Deterministic: the same fold gives the same shapes; another fold gives others.
-    again, _ = finetune.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
-    other, _ = finetune.synthetic_episode(way=5, shot=3, fold=1, num_points=64)
+    again, _ = synthetic.synthetic_episode(way=5, shot=3, fold=0, num_points=64)
+    other, _ = synthetic.synthetic_episode(way=5, shot=3, fold=1, num_points=64)
     assert torch.equal(train.tensors[0], again.tensors[0]) and not torch.equal(train.tensors[0], other.tensors[0])
 
 
@@ -91,7 +95,7 @@ def test_synthetic_fewshot_episode_classes_are_consistent(monkeypatch):
             return points, torch.tensor(index % 12), torch.zeros(self.num_points, dtype=torch.long)
 
     monkeypatch.setattr(synthetic, "SyntheticShapes", IndexShapes)
-    train, test = finetune.synthetic_episode(way=10, shot=5, fold=3, num_points=4)
+    train, test = synthetic.synthetic_episode(way=10, shot=5, fold=3, num_points=4)
     for dataset, split in ((train, 0.0), (test, 1.0)):
         index, labels = dataset.tensors[0][:, 0, 0].long(), dataset.tensors[1]
         assert (dataset.tensors[0][:, 0, 1] == split).all() and index.unique().numel() == len(index)  # no repeats
@@ -111,7 +115,7 @@ def test_task_defaults_presets_and_flags():
     assert finetune.build_config(["--task", "modelnet40"]).num_groups == 64
     cfg = finetune.build_config(["--task", "scan_objectnn", "--preset", "tiny", "--lr=1e-3"])
     assert (cfg.dim, cfg.depth, cfg.num_groups, cfg.num_points, cfg.lr) == (96, 4, 32, 512, 1e-3)
-    tiny_pretrain = pretrain.parse_config(pretrain.Config, ["--preset", "tiny"])
+    tiny_pretrain = parse_config(pretrain.Config, ["--preset", "tiny"])
     assert all(getattr(cfg, name) == getattr(tiny_pretrain, name) for name in ("dim", "depth", "num_heads",
                                                                                   "group_size", "num_points"))
     with pytest.raises(SystemExit):
@@ -121,11 +125,11 @@ def test_task_defaults_presets_and_flags():
 # ---------------------------------------------------------------- checkpoints
 
 def pretrain_checkpoint(tmp_path, **overrides):
-    """A tiny pretrain.KRMAE saved exactly as pretrain.main saves it."""
-    cfg = dataclasses.replace(pretrain.parse_config(pretrain.Config, ["--preset", "tiny"]), **overrides)
-    model = pretrain.KRMAE(cfg)
+    """A tiny kr_mae.KRMAE saved exactly as pretrain.main saves it."""
+    cfg = dataclasses.replace(parse_config(pretrain.Config, ["--preset", "tiny"]), **overrides)
+    model = kr_mae.KRMAE(cfg)
     path = str(tmp_path / "pretrained.pth")
-    pretrain.save_checkpoint(path, {"model": pretrain.trainable_state(model), "config": dataclasses.asdict(cfg),
+    pretrain.save_checkpoint(path, {"model": weights.trainable_state(model), "config": dataclasses.asdict(cfg),
                                     "epoch": 0})
     return path, model
 
@@ -133,32 +137,32 @@ def pretrain_checkpoint(tmp_path, **overrides):
 def test_pretrain_checkpoint_loads_every_encoder_tensor(tmp_path, capsys):
     path, pretrained = pretrain_checkpoint(tmp_path)
     cfg = config(tmp_path, "--task", "scan_objectnn")
-    model = finetune.Classifier(15, **finetune.backbone_arguments(cfg))
-    finetune.load_pretrained(model, path, cfg)
+    model = downstream.Classifier(15, **downstream.backbone_arguments(cfg))
+    weights.load_pretrained(model, path, cfg)
     printed = capsys.readouterr().out
     assert "(this project layout)" in printed and "the 3-D path only; new, trained from scratch: ['cls_pos_embed', " \
                                                    "'cls_token', 'head']" in printed
     source = pretrained.state_dict()
-    loaded = [name for name in model.state_dict() if name.startswith(pretrain.ENCODER_PREFIXES)]
+    loaded = [name for name in model.state_dict() if name.startswith(weights.ENCODER_PREFIXES)]
     assert loaded and all(torch.equal(model.state_dict()[name], source[name]) for name in loaded)
-    segmenter = finetune.PartSegmenter(16, 50, **finetune.backbone_arguments(cfg))
-    finetune.load_pretrained(segmenter, path, cfg)
+    segmenter = downstream.PartSegmenter(16, 50, **downstream.backbone_arguments(cfg))
+    weights.load_pretrained(segmenter, path, cfg)
     assert torch.equal(segmenter.encoder.blocks[0].attn.qkv.weight, source["encoder.blocks.0.attn.qkv.weight"])
 
 
 def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
     path, _ = pretrain_checkpoint(tmp_path, dim=64, num_heads=4)
     cfg = config(tmp_path)  # dim 96
-    model = finetune.Classifier(15, **finetune.backbone_arguments(cfg))
+    model = downstream.Classifier(15, **downstream.backbone_arguments(cfg))
     message = r"parameter \S+ has shape \(64, \d+, 1\) in the checkpoint but \(96, \d+, 1\) here"
     with pytest.raises(ValueError, match=message):
-        finetune.load_pretrained(model, path, cfg)
+        weights.load_pretrained(model, path, cfg)
     path, _ = pretrain_checkpoint(tmp_path, depth=2)
     with pytest.raises(ValueError, match=r"missing from it \['encoder.blocks.2"):
-        finetune.load_pretrained(model, path, cfg)
+        weights.load_pretrained(model, path, cfg)
     path, _ = pretrain_checkpoint(tmp_path, num_heads=2)
     with pytest.raises(ValueError, match="trained with 2 heads but this model has 4; pass --num_heads 2"):
-        finetune.load_pretrained(model, path, cfg)
+        weights.load_pretrained(model, path, cfg)
 
 
 # ---------------------------------------------------------------- every task end to end on the synthetic shapes
@@ -364,7 +368,7 @@ def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_p
     monkeypatch.setattr(finetune.F, "cross_entropy", lambda *args, **kwargs: cross_entropy(*args, **kwargs) * torch.nan)
     with pytest.raises(FloatingPointError) as error:
         finetune.main(config(tmp_path, *FLAGS))
-    assert "no checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
+    assert "No checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
 
 
 def test_the_loss_is_read_every_log_every_steps_and_the_log_holds_the_same_mean_as_per_step_reads(tmp_path,
@@ -409,7 +413,7 @@ def test_one_non_finite_fine_tuning_step_between_two_reads_still_stops_the_run(t
     message = str(error.value)
     assert len(calls) == 4  # read after step 4, two steps after the bad one
     assert "at a step from 0 to 3" in message and "up to 4 steps" in message
-    assert "no checkpoint of this run was written yet" in message
+    assert "No checkpoint of this run was written yet" in message
     assert not (tmp_path / "modelnet40_synthetic" / "seed0" / "last.pth").exists()
 
 

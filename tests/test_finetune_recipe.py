@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import datasets
+import downstream
 import finetune
+import kr_mae
 from tokenizer import farthest_point_sample, gather_points
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -23,17 +26,17 @@ def tiny(tmp_path, task, **overrides):
 
 
 def test_pool_size_follows_point_mae():
-    assert finetune.pool_size(1024, 8192) == 1200  # Point-MAE: point_all = 1200 for 1024 points
-    assert finetune.pool_size(4096, 8192) == 4800  # Point-MAE: 4800 for 4096
-    assert finetune.pool_size(2048, 2048) == 2048  # ScanObjectNN: all 2048 stored points
-    assert finetune.pool_size(1024, 1100) == 1100  # never more than stored
+    assert downstream.pool_size(1024, 8192) == 1200  # Point-MAE: point_all = 1200 for 1024 points
+    assert downstream.pool_size(4096, 8192) == 4800  # Point-MAE: 4800 for 4096
+    assert downstream.pool_size(2048, 2048) == 2048  # ScanObjectNN: all 2048 stored points
+    assert downstream.pool_size(1024, 1100) == 1100  # never more than stored
 
 
 def test_training_points_are_a_fresh_subset_of_an_fps_pool_from_a_random_start():
     torch.manual_seed(0)
     points = torch.randn(3, 400, 3)  # stored clouds (B, M, 3)
-    pool = finetune.pool_size(128, 400)  # 150
-    first, second = finetune.training_points(points, 128), finetune.training_points(points, 128)
+    pool = downstream.pool_size(128, 400)  # 150
+    first, second = downstream.training_points(points, 128), downstream.training_points(points, 128)
     assert first.shape == (3, 128, 3)
     assert not torch.equal(first, second)  # a new subset every step
     starts = []
@@ -54,24 +57,24 @@ def test_test_points_are_the_fps_prefix_and_never_random():
     torch.manual_seed(0)
     points = torch.randn(2, 300, 3)
     ordered = gather_points(points, farthest_point_sample(points, 300))  # an FPS-ordered cloud, like Point-MAE's cache
-    assert torch.equal(finetune.test_points(ordered, 64), ordered[:, :64])
-    assert torch.equal(finetune.test_points(points, 64), finetune.test_points(points, 64))
-    assert torch.equal(finetune.test_points(points[:, :64], 64), points[:, :64])  # N stored: taken as they are
+    assert torch.equal(downstream.test_points(ordered, 64), ordered[:, :64])
+    assert torch.equal(downstream.test_points(points, 64), downstream.test_points(points, 64))
+    assert torch.equal(downstream.test_points(points[:, :64], 64), points[:, :64])  # N stored: taken as they are
 
 
 def test_vote_points_redraw_the_subset_and_the_augmentation_on_every_pass():
     points = torch.randn(2, 300, 3)
     generator = torch.Generator().manual_seed(0)
-    passes = finetune.vote_points(points, 64, 3, generator)
+    passes = downstream.vote_points(points, 64, 3, generator)
     assert len(passes) == 3 and all(inputs.shape == (2, 64, 3) for inputs in passes)
     assert not torch.equal(passes[0], passes[1])
-    again = finetune.vote_points(points, 64, 3, torch.Generator().manual_seed(0))
+    again = downstream.vote_points(points, 64, 3, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(passes, again))  # seeded: reproducible
 
 
 def test_two_epochs_see_different_points_of_the_same_modelnet40_shape(tmp_path, monkeypatch):
     seen = {}  # shape (identified by its stored cloud) -> the points the model read, per call
-    original = finetune.training_points
+    original = downstream.training_points
 
     def recording(points, num_points, skip_near_origin):
         chosen = original(points, num_points, skip_near_origin)
@@ -106,7 +109,7 @@ def test_part_segmentation_trains_with_the_isotropic_augmentation(tmp_path, monk
 
 
 def test_part_segmentation_head_has_point_mae_layout_at_paper_size():
-    model = finetune.PartSegmenter(16, 50, num_groups=128, group_size=32, dim=384, depth=12, num_heads=6)
+    model = downstream.PartSegmenter(16, 50, num_groups=128, group_size=32, dim=384, depth=12, num_heads=6)
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     # Point-MAE: propagation_0.mlp_convs 1155 -> 1536 -> 1024 (BN each), convs1 3392 -> 512, convs2 512 -> 256,
     # convs3 256 -> 50, label_conv 16 -> 64 (REFERENCE sec. 7).
@@ -122,8 +125,8 @@ def test_part_segmentation_head_has_point_mae_layout_at_paper_size():
 def test_a_new_head_keeps_default_init_from_a_checkpoint_and_truncated_normal_from_scratch(tmp_path):
     import pretrain
     cfg = tiny(tmp_path, "scan_objectnn")
-    pretrain_cfg = pretrain.parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random"])
-    torch.save({"model": pretrain.KRMAE(pretrain_cfg).state_dict(), "config": dataclasses.asdict(pretrain_cfg)},
+    pretrain_cfg = parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random"])
+    torch.save({"model": kr_mae.KRMAE(pretrain_cfg).state_dict(), "config": dataclasses.asdict(pretrain_cfg)},
                tmp_path / "pretrained.pth")
     sets = {"num_classes": 15}
     torch.manual_seed(0)

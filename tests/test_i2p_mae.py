@@ -282,7 +282,7 @@ def test_tiny_end_to_end_step_has_the_contract_shapes(projection, guided):
     out["loss"].backward()
     optimizer.step()
     assert not torch.equal(before, model.semantic_head.weight)
-    # The 3-D path has exactly pretrain.KRMAE's parameter names under its three prefixes.
+    # The 3-D path has exactly kr_mae.KRMAE's parameter names under its three prefixes.
     expected = {f"{prefix}.{name}" for prefix, module in (
         ("tokenizer_3d", PointTokenizer(num_groups=16, group_size=8, dim=32)), ("encoder_pos", CenterEmbedding(dim=32)),
         ("encoder", KATransformer(dim=32, depth=2, num_heads=2))) for name in module.state_dict()}

@@ -7,8 +7,11 @@ import json
 import pytest
 import torch
 
+import downstream
 import finetune
 import pretrain
+from util import weights
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -41,7 +44,7 @@ def test_method_defaults_paper_settings_matched_preset_and_flags_in_order():
     assert pretrain.build_config(["--method", "crossalignnet", "--matched"]).augment
     point_mae = pretrain.build_config(["--method", "point_mae"])
     assert (point_mae.use_2d, point_mae.masking) == (False, "random")
-    assert pretrain.build_config([]) == pretrain.parse_config(pretrain.Config, [])  # kr_mae: the paper, unchanged
+    assert pretrain.build_config([]) == parse_config(pretrain.Config, [])  # kr_mae: the paper, unchanged
     with pytest.raises(SystemExit):
         pretrain.build_config(["--method", "pointbert"])
 
@@ -71,10 +74,10 @@ def test_every_method_pretrains_logs_its_terms_and_fine_tunes(tmp_path, method):
                                       "--synthetic_train_size", "16", "--synthetic_test_size", "8", "--epochs", "1",
                                       "--no-progress", "--checkpoint", str(tmp_path / "pretrain" / "last.pth"),
                                       "--out_dir", str(tmp_path / "finetune")])
-    classifier = finetune.Classifier(12, **finetune.backbone_arguments(fine_cfg))
-    finetune.load_pretrained(classifier, fine_cfg.checkpoint, fine_cfg)
+    classifier = downstream.Classifier(12, **downstream.backbone_arguments(fine_cfg))
+    weights.load_pretrained(classifier, fine_cfg.checkpoint, fine_cfg)
     source = model.state_dict()
-    encoder = [name for name in classifier.state_dict() if name.startswith(pretrain.ENCODER_PREFIXES)]
+    encoder = [name for name in classifier.state_dict() if name.startswith(weights.ENCODER_PREFIXES)]
     assert encoder and all(torch.equal(classifier.state_dict()[name], source[name].cpu()) for name in encoder)
     summary = finetune.main(fine_cfg)
     assert summary["num_runs"] == 1 and "last_accuracy" in summary
@@ -108,12 +111,12 @@ def test_a_pretrained_teacher_is_left_out_of_checkpoints():
                                  "--num_groups", "16"])
     model = pretrain.build_model(cfg)
     assert not model.teacher.visual_is_pretrained  # a random tower is saved: nothing else could restore it
-    assert any(name.startswith("teacher.visual.") for name in pretrain.trainable_state(model))
+    assert any(name.startswith("teacher.visual.") for name in weights.trainable_state(model))
     model.teacher.visual_is_pretrained = True  # as when loaded from CLIP's file
-    state = pretrain.trainable_state(model)
+    state = weights.trainable_state(model)
     assert state and not any(name.startswith("teacher.visual.") for name in state)
     assert any(name.startswith("encoder.") for name in state)
-    pretrain.load_trainable_state(model, state)  # the tower is not reported missing
+    weights.load_trainable_state(model, state)  # the tower is not reported missing
 
 
 # ---------------------------------------------------------------- KR-MAE with I2P-MAE's saliency masking

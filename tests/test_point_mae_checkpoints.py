@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import downstream
 import finetune
+import kr_mae
 import point_mae_checkpoints as pmc
 import pretrain
 from tokenizer import PointTokenizer, farthest_point_sample
+from util import weights
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -73,9 +77,9 @@ def test_official_pretraining_file_maps_onto_point_mae_mode_tensor_for_tensor(tm
     official = pmc.official_pretrain_state(prefix="module.", generator=torch.Generator().manual_seed(0))
     assert len(official) == 209  # REFERENCE sec. 7, paper size
     cfg = dataclasses.replace(pretrain.Config(), use_2d=False, masking="random")
-    model = pretrain.KRMAE(cfg)
+    model = kr_mae.KRMAE(cfg)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    pretrain.initialise_from(model, save_official(tmp_path, official))
+    weights.initialise_from(model, save_official(tmp_path, official))
     state = model.state_dict()
     assert set(state) == set(before)  # and every one of them was replaced:
     assert not any(torch.equal(state[name], before[name]) for name in state if not name.endswith("batches_tracked"))
@@ -90,10 +94,10 @@ def test_official_finetuned_model_loads_and_gives_the_logits_of_our_own_layout(t
     official = pmc.official_finetuned_state(classes, part_seg=part_seg, generator=generator, **TINY)
     container = "model_state_dict" if part_seg else "base_model"
     cfg = finetune.build_config(["--preset", "tiny", "--task", "partseg" if part_seg else "modelnet40"])
-    build = ((lambda: finetune.PartSegmenter(16, 50, **finetune.backbone_arguments(cfg))) if part_seg else
-             (lambda: finetune.Classifier(12, **finetune.backbone_arguments(cfg))))
+    build = ((lambda: downstream.PartSegmenter(16, 50, **downstream.backbone_arguments(cfg))) if part_seg else
+             (lambda: downstream.Classifier(12, **downstream.backbone_arguments(cfg))))
     model = build()
-    assert finetune.load_pretrained(model, save_official(tmp_path, official, container), cfg, whole_model=True)
+    assert weights.load_pretrained(model, save_official(tmp_path, official, container), cfg, whole_model=True)
     assert_equals_official(model.state_dict(), official, lambda name: finetuned_official_name(name, part_seg))
     # The same weights in our own layout (named by the test's own table), through the same loader.
     reference = build()
@@ -102,7 +106,7 @@ def test_official_finetuned_model_loads_and_gives_the_logits_of_our_own_layout(t
             for name, value in ours.items()}
     path = str(tmp_path / "ours.pth")
     pretrain.save_checkpoint(path, {"model": ours, "config": dataclasses.asdict(cfg)})
-    finetune.load_pretrained(reference, path, cfg, whole_model=True)
+    weights.load_pretrained(reference, path, cfg, whole_model=True)
     model.eval(), reference.eval()
     points = torch.randn(3, 512, 3, generator=generator)
     with torch.no_grad():
@@ -115,49 +119,49 @@ def test_official_finetuned_model_loads_and_gives_the_logits_of_our_own_layout(t
 def test_fine_tuning_from_an_official_classifier_of_other_classes_trains_a_new_head(tmp_path, capsys):
     official = pmc.official_finetuned_state(40, generator=torch.Generator().manual_seed(2), **TINY)
     cfg = finetune.build_config(["--preset", "tiny", "--task", "modelnet40"])
-    model = finetune.Classifier(12, **finetune.backbone_arguments(cfg))
+    model = downstream.Classifier(12, **downstream.backbone_arguments(cfg))
     head_before = model.head[0].weight.clone()
-    assert not finetune.load_pretrained(model, save_official(tmp_path, official), cfg)
+    assert not weights.load_pretrained(model, save_official(tmp_path, official), cfg)
     assert "Point-MAE classifier layout" in capsys.readouterr().out
     assert torch.equal(model.encoder.blocks[3].mlp[0].weight, official["blocks.blocks.3.mlp.fc1.weight"])
     assert torch.equal(model.head[0].weight, head_before)  # (256, 192) fits, but the head loads whole or not at all
     with pytest.raises(ValueError, match=r"--eval_only needs a model fine-tuned for --task modelnet40.*"
                                          r"head.8.weight \(40, 256\) there, \(12, 256\) here"):
-        finetune.load_pretrained(model, save_official(tmp_path, official), cfg, whole_model=True)
+        weights.load_pretrained(model, save_official(tmp_path, official), cfg, whole_model=True)
 
 
 def test_wrong_layouts_and_shapes_are_clear_errors(tmp_path):
     generator = torch.Generator().manual_seed(3)
     cfg = finetune.build_config(["--preset", "tiny", "--task", "modelnet40"])
-    model = finetune.Classifier(12, **finetune.backbone_arguments(cfg))
+    model = downstream.Classifier(12, **downstream.backbone_arguments(cfg))
     paper_size = save_official(tmp_path, pmc.official_pretrain_state(generator=generator), name="paper.pth")
     with pytest.raises(ValueError, match=r"\(Point-MAE pre-training layout\) does not fit this model: parameter "
                                          r"\S+ has shape \(384, 512, 1\) in the checkpoint but \(96, 512, 1\) here"):
-        finetune.load_pretrained(model, paper_size, cfg)
+        weights.load_pretrained(model, paper_size, cfg)
     tiny_pretrain = save_official(tmp_path, pmc.official_pretrain_state(generator=generator, decoder_depth=2,
                                                                         group_size=16, **TINY), name="tiny.pth")
     with pytest.raises(ValueError, match="no task head .*a pre-training checkpoint"):
-        finetune.load_pretrained(model, tiny_pretrain, cfg, whole_model=True)
+        weights.load_pretrained(model, tiny_pretrain, cfg, whole_model=True)
     # A key no rule knows, and a 1x1 convolution that is not one.
     state = pmc.official_finetuned_state(12, generator=generator, **TINY)
     with pytest.raises(ValueError, match=r"match nothing in its layout, e.g. \['cls_head_finetune_extra.weight'\]"):
-        finetune.load_pretrained(model, save_official(tmp_path, {**state, "cls_head_finetune_extra.weight":
+        weights.load_pretrained(model, save_official(tmp_path, {**state, "cls_head_finetune_extra.weight":
                                                                  torch.zeros(1)}, name="extra.pth"), cfg)
     broken = pmc.official_pretrain_state(generator=generator, decoder_depth=2, group_size=16, **TINY)
     broken["increase_dim.0.weight"] = broken["increase_dim.0.weight"][:, :, 0]
     with pytest.raises(ValueError, match=r"increase_dim.0.weight.*\(out, in, 1\); found shape \(48, 96\)"):
-        finetune.load_pretrained(model, save_official(tmp_path, broken, name="broken.pth"), cfg)
+        weights.load_pretrained(model, save_official(tmp_path, broken, name="broken.pth"), cfg)
     with pytest.raises(ValueError, match=r"holds no state dict.*found keys \['epoch', 'weights'\]"):
         path = str(tmp_path / "other.pth")
         torch.save({"weights": [1, 2], "epoch": 3}, path)
-        finetune.load_pretrained(model, path, cfg)
+        weights.load_pretrained(model, path, cfg)
     # --init_from: a fine-tuned file has no decoder; another group size does not fit the reconstruction head.
-    pre_cfg = pretrain.parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random"])
+    pre_cfg = parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random"])
     with pytest.raises(ValueError, match="is a Point-MAE classifier checkpoint; it needs a pre-training one"):
-        pretrain.initialise_from(pretrain.KRMAE(pre_cfg), save_official(tmp_path, state, name="classifier.pth"))
+        weights.initialise_from(kr_mae.KRMAE(pre_cfg), save_official(tmp_path, state, name="classifier.pth"))
     with pytest.raises(ValueError, match=r"other shapes: \['reconstruction_head.weight \(48, 96\) there, "
                                          r"\(24, 96\) here'"):
-        pretrain.initialise_from(pretrain.KRMAE(dataclasses.replace(pre_cfg, group_size=8)), tiny_pretrain)
+        weights.initialise_from(kr_mae.KRMAE(dataclasses.replace(pre_cfg, group_size=8)), tiny_pretrain)
 
 
 # ---------------------------------------------------------------- --init_from and --eval_only end to end
@@ -166,19 +170,19 @@ def test_init_from_starts_kr_mae_from_point_mae_and_leaves_the_new_parts_fresh(t
     official = pmc.official_pretrain_state(generator=torch.Generator().manual_seed(4), decoder_depth=2,
                                            group_size=16, **TINY)
     path = save_official(tmp_path, official)
-    cfg = pretrain.parse_config(pretrain.Config, ["--preset", "tiny"])  # KR-MAE: 2-D branch, RVS, RM
+    cfg = parse_config(pretrain.Config, ["--preset", "tiny"])  # KR-MAE: 2-D branch, RVS, RM
     torch.manual_seed(0)
-    model = pretrain.KRMAE(cfg)
+    model = kr_mae.KRMAE(cfg)
     fresh_before = {name: value.clone() for name, value in model.state_dict().items()
                     if name.startswith(("masking.", "selector.", "tokenizer_2d."))}
-    loaded = pretrain.initialise_from(model, path)
+    loaded = weights.initialise_from(model, path)
     assert "starting fresh: ['masking', 'selector', 'tokenizer_2d']" in capsys.readouterr().out
     state = model.state_dict()
     assert_equals_official({name: state[name] for name in loaded}, official, official_name)
     assert len(loaded) == len(official)
     assert all(torch.equal(state[name], value) for name, value in fresh_before.items())
     # Through main: a run with a learning rate too small to move the weights still holds the official ones.
-    run = pretrain.parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random",
+    run = parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random",
                                                   "--epochs", "1", "--synthetic_size", "32", "--lr", "1e-12",
                                                   "--min_lr", "0", "--picture_every", "0", "--no-progress",
                                                   "--init_from", path, "--out_dir", str(tmp_path / "run")])
@@ -219,7 +223,7 @@ def test_eval_only_of_an_official_classifier(tmp_path):
     points = torch.stack([sets["test"][i][0] for i in range(len(sets["test"]))])
     labels = torch.tensor([sets["test"][i][1] for i in range(len(sets["test"]))])
     with torch.no_grad():
-        predicted = model(finetune.test_points(points, cfg.num_points)).argmax(dim=1)
+        predicted = model(downstream.test_points(points, cfg.num_points)).argmax(dim=1)
     assert summary["accuracy"]["mean"] == pytest.approx(100 * (predicted == labels).float().mean().item())
     with pytest.raises(ValueError, match="--eval_only tests a fine-tuned model: pass it with --checkpoint"):
         finetune.main(dataclasses.replace(cfg, checkpoint=""))
@@ -265,7 +269,7 @@ def test_fps_skipping_points_at_the_origin_matches_the_slow_kernel_and_reaches_t
     centers = tokenizer(points)[1]  # (B, G, 3)
     assert torch.equal(centers, torch.stack([points[b, fast[b]] for b in range(3)]))
     assert bool(((centers[:, 1:] ** 2).sum(-1) > 1e-3).all())
-    cfg = pretrain.parse_config(pretrain.Config, ["--preset", "tiny", "--fps_skip_near_origin"])
-    assert pretrain.KRMAE(cfg).tokenizer_3d.skip_near_origin
+    cfg = parse_config(pretrain.Config, ["--preset", "tiny", "--fps_skip_near_origin"])
+    assert kr_mae.KRMAE(cfg).tokenizer_3d.skip_near_origin
     fine_cfg = finetune.build_config(["--preset", "tiny", "--fps_skip_near_origin"])
-    assert finetune.PointEncoder(**finetune.backbone_arguments(fine_cfg)).tokenizer_3d.skip_near_origin
+    assert downstream.PointEncoder(**downstream.backbone_arguments(fine_cfg)).tokenizer_3d.skip_near_origin

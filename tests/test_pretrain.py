@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from kr_mae import KRMAE, chamfer_distance
+import kr_mae
 import linear_probe
 import pretrain
-from pretrain import Config, KRMAE, chamfer_distance, parse_config
+from pretrain import Config
+from util import optim, weights
+from util.config import parse_config
 
 torch.set_num_threads(2)
 
@@ -55,7 +59,7 @@ def test_help_shows_each_fields_whole_comment_and_no_section_header(capsys):
 
 
 def test_learning_rate_warmup_then_cosine():
-    values = [pretrain.learning_rate(step, 100, 10, 1e-3, 1e-6) for step in range(100)]
+    values = [optim.learning_rate(step, 100, 10, 1e-3, 1e-6) for step in range(100)]
     assert values[0] == pytest.approx(1e-4) and values[9] == pytest.approx(1e-3)
     assert values[10] == pytest.approx(1e-3) and values[-1] == pytest.approx(1e-6, abs=1e-6)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
@@ -110,7 +114,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     pretrain.main(tiny(tmp_path, epochs=1))
     before = (tmp_path / "last.pth").read_bytes()
-    monkeypatch.setattr(pretrain, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
+    monkeypatch.setattr(kr_mae, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         pretrain.main(tiny(tmp_path, epochs=2, resume=str(tmp_path / "last.pth")))
     assert (tmp_path / "last.pth").read_bytes() == before
@@ -151,7 +155,7 @@ def test_encoder_state_dict_loads_into_a_3d_only_encoder(tmp_path, fusion):
     from tokenizer import CenterEmbedding, PointTokenizer
 
     cfg = tiny(tmp_path, fusion=fusion)
-    state = pretrain.encoder_state_dict(KRMAE(cfg).state_dict())
+    state = weights.encoder_state_dict(KRMAE(cfg).state_dict())
     assert state and not any(name.startswith(("decoder", "tokenizer_2d", "selector", "masking")) for name in state)
     encoder_only = torch.nn.Module()
     encoder_only.tokenizer_3d = PointTokenizer(num_groups=cfg.num_groups, group_size=cfg.group_size, dim=cfg.dim)
@@ -165,7 +169,7 @@ def test_paper_configuration_builds_and_runs_one_step_on_the_cpu(tmp_path):
     cfg = dataclasses.replace(parse_config(Config, []), clip_random_tower="768,12,12", batch_size=2)
     model = KRMAE(cfg)
     assert sum(p.numel() for p in model.encoder.parameters()) > 20e6  # 12 blocks of width 384
-    optimizer = torch.optim.AdamW(pretrain.parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(optim.parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     before = [p.detach().clone() for p in model.encoder.blocks[0].parameters()]
     out = model(torch.randn(2, cfg.num_points, 3))
     out["loss"].backward()
@@ -313,7 +317,7 @@ def test_a_data_root_that_does_not_exist_is_an_error_not_synthetic_data(tmp_path
 
 
 def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
+    monkeypatch.setattr(kr_mae, "chamfer_distance", lambda a, b: torch.full(a.shape[:1], float("nan")))
     with pytest.raises(FloatingPointError) as error:
         pretrain.main(small(tmp_path))
     assert "No checkpoint of this run was written yet" in str(error.value) and "resume" not in str(error.value)
@@ -347,7 +351,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides):
 def test_cast_frozen_towers_casts_only_the_frozen_towers_and_make_optimizer_fuses_on_cuda():
     for method in ("kr_mae", "i2p_mae"):
         model = pretrain.build_model(pretrain.build_config(["--preset", "tiny", "--method", method]))
-        pretrain.cast_frozen_towers(model, torch.bfloat16)
+        weights.cast_frozen_towers(model, torch.bfloat16)
         tower = model.tokenizer_2d.visual if method == "kr_mae" else model.teacher.visual
         assert tower.conv1.weight.dtype == tower.proj.dtype == torch.bfloat16
         assert tower.ln_pre.weight.dtype == torch.float32  # CLIP's recipe keeps the LayerNorms
@@ -355,7 +359,7 @@ def test_cast_frozen_towers_casts_only_the_frozen_towers_and_make_optimizer_fuse
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     cfg = pretrain.build_config(["--preset", "tiny", "--no-use_2d"])
     model = pretrain.build_model(cfg)
-    pretrain.cast_frozen_towers(model, torch.bfloat16)  # no tower: nothing to do
+    weights.cast_frozen_towers(model, torch.bfloat16)  # no tower: nothing to do
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert pretrain.make_optimizer(model, cfg, torch.device("cuda")).defaults["fused"] is True
-    assert not pretrain.make_optimizer(model, cfg, torch.device("cpu")).defaults["fused"]
+    assert optim.make_optimizer(model, cfg, torch.device("cuda")).defaults["fused"] is True
+    assert not optim.make_optimizer(model, cfg, torch.device("cpu")).defaults["fused"]

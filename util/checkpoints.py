@@ -8,8 +8,12 @@ Shared by pretrain.py and finetune.py (not a paper section: the plumbing every r
   rng_state() / set_rng_state(s)     torch (CPU and CUDA), numpy and Python's random, so a resumed run draws the
                                      same numbers it would have drawn without the interruption.
   truncate_log(path, start_epoch)    a resumed or restarted run's log keeps only the epochs before it.
+  write_log_line(path, record, ...)  one JSON line per epoch; the first of a run first drops the lines it replaces.
+  stop_if_not_finite(sums, ...)      a non-finite loss stops the run before anything more is written.
+  check_same_run(saved, cfg, ...)    a resumed run must be the run the command describes.
 """
 import json
+import math
 import os
 import pickle
 import random
@@ -93,3 +97,47 @@ def truncate_log(log_path, start_epoch):
             kept = [line for line in handle if line.strip() and json.loads(line)["epoch"] < start_epoch]
         with open(log_path, "w") as handle:
             handle.writelines(kept)
+
+
+def write_log_line(log_path, record, start_epoch):
+    """Append the epoch's record as one JSON line. Only with the run's first epoch done (record["epoch"] ==
+    start_epoch) are the log lines it replaces dropped: an earlier run's whole log (a fresh run, --overwrite) or the
+    lines of the epochs a resumed run redoes (a kill between a log line and its checkpoint). Until then the earlier
+    run's log and last.pth are untouched."""
+    if record["epoch"] == start_epoch:
+        truncate_log(log_path, start_epoch)
+    with open(log_path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def stop_if_not_finite(sums, epoch, first_step, step, log_every, last_good, run=""):
+    """Raise FloatingPointError when a loss (a name starting with "loss") in `sums` (name -> its sum over the epoch so
+    far, read every --log_every steps) is not finite. last_good: the path of this run's last checkpoint, or "" when
+    it has none yet.
+
+    NOTE(unspecified): a non-finite loss is therefore caught up to --log_every steps late (a NaN or inf keeps the
+    epoch's sum non-finite, so no step of the epoch escapes the check), and the weights may by then have taken that
+    many bad steps. Nothing is written after it: checkpoints are written only at the end of an epoch, after this
+    check, so the last good checkpoint stays as it was. Under torchrun every rank reads the same sums at the same
+    steps, so all of them stop there."""
+    if all(math.isfinite(value) for name, value in sums.items() if name.startswith("loss")):
+        return
+    advice = (f"The last good checkpoint {last_good!r} is untouched: resume from it with a lower --lr." if last_good
+              else "No checkpoint of this run was written yet (one is written at the end of every epoch): lower --lr "
+                   "and start again.")
+    raise FloatingPointError(f"{run}A loss term became non-finite at epoch {epoch}, at a step from {first_step} to "
+                             f"{step} (the losses are read every --log_every {log_every} steps; sums over the epoch "
+                             f"so far: {sums}); the weights may have taken up to {step - first_step + 1} steps since, "
+                             f"so nothing more is written. {advice}")
+
+
+def check_same_run(saved, cfg, names, path):
+    """A resumed or read-back run must be the run this command describes; refuse one started with other settings
+    (it would be continued, or reported, under this command's header): the settings `names` (finetune.RUN_SETTINGS)
+    must be equal. Fields a checkpoint lacks are not compared."""
+    differing = [f"--{name} {saved[name]!r} there, {getattr(cfg, name)!r} here" for name in names
+                 if name in saved and saved[name] != getattr(cfg, name)]
+    if differing:
+        raise ValueError(f"{path!r} was started with other settings than this command: {'; '.join(differing)}. Pass "
+                         f"its settings to continue it, --overwrite without --resume to start it again, or another "
+                         f"--out_dir.")

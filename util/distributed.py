@@ -8,6 +8,8 @@ process trains on the same global batch:
   sync_batchnorm        every BatchNorm over the global batch (nn.SyncBatchNorm on GPUs, CPUSyncBatchNorm on the CPU)
   OnlyTheLossBackward   the model as DDP sees it: only `loss` carries gradients
   summed_over_ranks     per-rank sums of the logged terms -> sums over all ranks
+  data_parallel         what the training step calls: the model, or DDP around it under torchrun
+  rank_loader           an epoch's DataLoader of this rank's share of every global batch
 Test on the CPU: `python -m pytest -q tests/test_distributed.py` (gloo, 2 processes).
 """
 import os
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def select_device(name):
@@ -63,7 +66,12 @@ def rank_batches(order, batch_size, rank, world_size):
 
 def seed_rank_generators(seed, rank, epoch):
     """Seed torch (CPU and every GPU), numpy and random from (seed, rank, epoch): each rank draws its own masks and
-    augmentations, and the draws of an epoch depend on nothing but these three numbers."""
+    augmentations, and the draws of an epoch depend on nothing but these three numbers.
+
+    NOTE(unspecified): with several processes each rank seeds torch, numpy and random from (seed, rank, epoch) at
+    every epoch start, so its masks and augmentations are its own and an epoch's draws depend on nothing else: a
+    resumed run continues exactly, at any world size, and the checkpoint's RNG state (rank 0's) is only read back by
+    a single process. One process keeps one stream seeded once and saved in the checkpoint."""
     derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])  # one uint32, well mixed
     torch.manual_seed(derived)
     np.random.seed(derived)
@@ -175,3 +183,28 @@ def stop_processes():
     """Leave the process group start_processes joined (nothing to do for a single process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def data_parallel(model, device, world_size, only_the_loss=False):
+    """What the training step calls. One process: the model itself. Under torchrun: DDP around it, which averages the
+    gradients over the ranks during backward, so they are those of the global batch; the un-wrapped model serves
+    everything else (tests, pictures, probes, the checkpoint). only_the_loss: DDP sees OnlyTheLossBackward(model)
+    (pre-training's models return several terms). static_graph: the same parameters take part in every step, but not
+    always all of them (the view selector without RVS, CrossAlignNet's GSA decoder at weight 0): DDP finds the unused
+    ones once, at the first step, instead of searching the graph at every step.
+
+    NOTE(unspecified): a loss that compares the shapes of a batch with each other sees this rank's share only:
+    CrossAlignNet's InfoNCE contrasts batch_size / world_size shapes, one process the whole batch (the BatchNorms,
+    synchronised, see the whole batch). Every other loss here is a mean over the shapes, the same either way."""
+    if world_size == 1:
+        return model
+    return DistributedDataParallel(OnlyTheLossBackward(model) if only_the_loss else model, static_graph=True,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def rank_loader(dataset, order, batch_size, rank, world_size, num_workers, device):
+    """An epoch's DataLoader: this rank's share (batch_size / world_size shapes) of every global batch of `order`,
+    the last partial batch dropped (rank_batches)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size // world_size,
+                                       sampler=rank_batches(order, batch_size, rank, world_size), drop_last=True,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda")
