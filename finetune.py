@@ -43,8 +43,7 @@ from tqdm import tqdm
 import datasets
 import linear_probe
 import synthetic
-from downstream import (Classifier, PartSegmenter, PointEncoder, backbone_arguments, init_head, test_pass,
-                        test_points, training_points)
+from downstream import Classifier, PartSegmenter, backbone_arguments, init_head, test_pass, training_points
 from util.checkpoints import (check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                               stop_if_not_finite, write_log_line)
 from util.config import FINETUNE_PRESETS, parse_config, parse_list, schedule_and_size_checks
@@ -216,43 +215,6 @@ def task_label(cfg):
     label = cfg.task + (f"_{cfg.variant}" if cfg.task == "scan_objectnn" else "")
     label += f"_{cfg.way}way_{cfg.shot}shot" if cfg.task == "fewshot" else ""
     return label + ("_synthetic" if cfg.data == "synthetic" else "")
-
-
-def run_svm(cfg, device, run_dir):
-    """Linear probes of frozen features (no fine-tuning), ModelNet40 train -> test or the synthetic shapes: the
-    literature's SVM, the cross-validated SVM, 1-nearest-neighbour and the few-shot linear probe (linear_probe.py).
-    Each shape is read as at test time: FPS of num_points of its stored points (Point-MAE's 1024)."""
-    use_bf16 = cfg.amp and device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    sets = build_datasets(cfg)
-    model = PointEncoder(**backbone_arguments(cfg))
-    if cfg.checkpoint:
-        load_pretrained(model, cfg.checkpoint, cfg)
-    else:
-        init_head(model)  # Point-MAE's from-scratch initialisation of the whole encoder
-        print("No --checkpoint: the features come from a RANDOMLY INITIALISED encoder (a baseline only).")
-    model.to(device)
-    features = linear_probe.features_for_probes(model, sets["train"], sets["test"], cfg.batch_size, device, use_bf16,
-                                                cfg.num_workers, prepare=lambda points: test_points(points, cfg.num_points,
-                                                                                         cfg.fps_skip_near_origin))
-    probes = linear_probe.probe_all(*features, shots=cfg.probe_shots, draws=cfg.probe_draws, seed=cfg.seed)
-    print(linear_probe.format_probes(probes))
-    result = {"seed": cfg.seed, **flatten_probes(probes)}
-    with open(os.path.join(run_dir, "log.jsonl"), "w") as handle:
-        handle.write(json.dumps({**result, "probes": probes}) + "\n")
-    return result
-
-
-def flatten_probes(probes):
-    """linear_probe.probe_all's nested result -> flat float fields, so main() can average them over seeds."""
-    literature, validated, few_shot = probes["literature"], probes["cross_validated"], probes["few_shot"]
-    return {"literature_svm_accuracy": float(literature["test_accuracy"]),
-            "literature_svm_train_accuracy": float(literature["train_accuracy"]),
-            "cv_svm_accuracy": float(validated["test_accuracy"]),
-            "cv_svm_train_accuracy": float(validated["train_accuracy"]), "cv_svm_C": float(validated["C"]),
-            "nearest_neighbour_accuracy": float(probes["nearest_neighbour"]),
-            f"few_shot_{few_shot['shots']}_class_accuracy": float(few_shot["mean"]),
-            "majority_share": float(probes["majority_share"])}
 
 
 def build_model(cfg, sets, load_weights=True, whole_model=False):
@@ -497,7 +459,7 @@ def main(cfg):
         if cfg.eval_only:
             results.append(run_eval(run_cfg, device, run_dir))
         elif cfg.task == "svm":
-            results.append(run_svm(run_cfg, device, run_dir))
+            results.append(linear_probe.run_svm(run_cfg, device, run_dir, build_datasets(run_cfg)))
         else:
             results.append(run_finetune(run_cfg, device, run_dir, rank, world_size))
     if not is_main:

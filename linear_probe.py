@@ -31,6 +31,7 @@ Shapes: M samples, F feature width, B batch, N points, G tokens (groups), D widt
 Run the demo: `python linear_probe.py` (synthetic Gaussian clusters, a few seconds, prints every probe's result).
 """
 import json
+import os
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import SVC, LinearSVC
+
+from downstream import PointEncoder, backbone_arguments, init_head, test_points
+from util.weights import load_pretrained
 
 LITERATURE_C = 0.01  # I2P-MAE / Point-M2AE: SVC(C=0.01, kernel="linear") on raw max-pooled features
 # NOTE(unspecified): 1e-3 .. 1e4 brackets every C that is useful on unit-norm features: 1e-3 predicts almost one
@@ -348,3 +352,43 @@ if __name__ == "__main__":
           f"train {unit['train_accuracy']:.1f} %, test {unit['test_accuracy']:.1f} % "
           f"(about 200 times more regularised than at the raw scale).")
     print("As logged:", json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe run: finetune.py --task svm
+# ---------------------------------------------------------------------------------------------------------------
+def run_svm(cfg, device, run_dir, sets):
+    """Linear probes of frozen features (no fine-tuning), ModelNet40 train -> test or the synthetic shapes: the
+    literature's SVM, the cross-validated SVM, 1-nearest-neighbour and the few-shot linear probe (above).
+    Each shape is read as at test time: FPS of num_points of its stored points (Point-MAE's 1024). sets: the task's
+    train and test sets (finetune.build_datasets)."""
+    use_bf16 = cfg.amp and device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    model = PointEncoder(**backbone_arguments(cfg))
+    if cfg.checkpoint:
+        load_pretrained(model, cfg.checkpoint, cfg)
+    else:
+        init_head(model)  # Point-MAE's from-scratch initialisation of the whole encoder
+        print("No --checkpoint: the features come from a RANDOMLY INITIALISED encoder (a baseline only).")
+    model.to(device)
+    features = features_for_probes(model, sets["train"], sets["test"], cfg.batch_size, device, use_bf16,
+                                   cfg.num_workers, prepare=lambda points: test_points(points, cfg.num_points,
+                                                                                       cfg.fps_skip_near_origin))
+    probes = probe_all(*features, shots=cfg.probe_shots, draws=cfg.probe_draws, seed=cfg.seed)
+    print(format_probes(probes))
+    result = {"seed": cfg.seed, **flatten_probes(probes)}
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as handle:
+        handle.write(json.dumps({**result, "probes": probes}) + "\n")
+    return result
+
+
+def flatten_probes(probes):
+    """probe_all's nested result -> flat float fields, so main() can average them over seeds."""
+    literature, validated, few_shot = probes["literature"], probes["cross_validated"], probes["few_shot"]
+    return {"literature_svm_accuracy": float(literature["test_accuracy"]),
+            "literature_svm_train_accuracy": float(literature["train_accuracy"]),
+            "cv_svm_accuracy": float(validated["test_accuracy"]),
+            "cv_svm_train_accuracy": float(validated["train_accuracy"]), "cv_svm_C": float(validated["C"]),
+            "nearest_neighbour_accuracy": float(probes["nearest_neighbour"]),
+            f"few_shot_{few_shot['shots']}_class_accuracy": float(few_shot["mean"]),
+            "majority_share": float(probes["majority_share"])}
