@@ -276,6 +276,7 @@ def main():
     parser.add_argument("--out", default="runs/ablations")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--threads", type=int, default=0, help="threads per run (0: the machine's cores / --jobs)")
     parser.add_argument("--only", default="", help="comma-separated config names (default: all, and scratch)")
     parser.add_argument("--report", default="", help="print the tables of an existing results.json and stop")
     args = parser.parse_args()
@@ -283,7 +284,7 @@ def main():
         print(report(json.load(open(args.report))))
         return
     os.makedirs(args.out, exist_ok=True)
-    THREADS["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    THREADS["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     names = args.only.split(",") if args.only else [*CONFIGS, "scratch"]
     unknown = sorted(set(names) - set(CONFIGS) - {"scratch"})
     if unknown:
