@@ -1,10 +1,13 @@
-"""The optimisation of both scripts (Point-MAE's): the learning rate, AdamW and its parameter groups, the epoch order.
+"""The optimisation of both scripts (Point-MAE's): the learning rate, AdamW and its parameter groups, the epoch order;
+finetune.py's --layer_decay / --freeze_epochs groups (layer_scale, scaled_optimizer).
 
 Each is a pure function of (seed, epoch, step) or of the model, so a resumed run needs no scheduler or sampler state.
 """
 import math
 
 import torch
+
+from util.weights import ENCODER_PREFIXES
 
 
 def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
@@ -40,3 +43,31 @@ def make_optimizer(model, cfg, device):
 def epoch_order(num_samples, seed, epoch):
     """The shuffled sample order of an epoch: a pure function of (seed, epoch), so resuming needs no sampler state."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+def layer_scale(name, depth, decay):
+    """--layer_decay: the learning-rate factor of one parameter of the fine-tuning model, by its depth in the
+    pre-trained 3-D path (BEiT's layer ids): the tokenizer and the centre embedding decay^(depth + 1), encoder block i
+    (0-based) decay^(depth - i), the encoder's final norm and every new part (class token, head) 1."""
+    if name.startswith(("tokenizer_3d.", "encoder_pos.")):
+        return decay ** (depth + 1)
+    if name.startswith("encoder.blocks."):
+        return decay ** (depth - int(name.split(".")[2]))
+    return 1.0
+
+
+def scaled_optimizer(model, optimizer, cfg):
+    """The AdamW of `optimizer` (its weight-decay groups and settings) with each group split by learning-rate factor
+    (layer_scale) and by whether it belongs to the pre-trained 3-D path ("encoder", which --freeze_epochs holds
+    at lr 0); the loop multiplies the schedule's lr by each group's "lr_scale"."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            key = (group["weight_decay"], layer_scale(name, depth, cfg.layer_decay), name.startswith(ENCODER_PREFIXES))
+            groups.setdefault(key, []).append(parameter)
+    return torch.optim.AdamW([{"params": params, "weight_decay": decay, "lr_scale": scale, "encoder": encoder}
+                              for (decay, scale, encoder), params in groups.items()], lr=cfg.lr,
+                             fused=bool(optimizer.defaults.get("fused")))
