@@ -1,9 +1,8 @@
 """Fine-tuning and the linear probes: the loop of the downstream tasks, paper "Fine-tuning Setup" and Tables 1-3.
 
-The models, Point-MAE's heads on the pre-trained 3-D path, and the measures are in downstream.py; the probes in
-linear_probe.py; the plumbing in util/ (a checkpoint's weights: util/weights.py). This script sets up each task's
-data and model, then runs the loop: each step resamples a batch (Point-MAE's recipe), each epoch tests, writes a
-log line and a checkpoint.
+This script sets up each task's data and model, then runs the loop: each step resamples a batch (Point-MAE's recipe),
+each epoch tests and writes a log line and a checkpoint. The models and measures are in downstream.py, the probes in
+linear_probe.py, the plumbing in util/.
 
     Table 1  --task scan_objectnn --variant obj_bg|obj_only|pb_t50_rs   2048 points, 128 groups, 15 classes
     (extra)  --task modelnet40 [--vote]                                   1024 points,  64 groups, 40 classes
@@ -11,8 +10,7 @@ log line and a checkpoint.
     Table 3  --task partseg                                               ShapeNetPart, instance and class mIoU
     (extra)  --task svm                                                   linear probes of frozen features
 
-Shapes: B batch, N points, M stored points.  Paper symbol -> name: n -> num_groups, p -> group_size, d^E -> dim,
-n-way m-shot -> way, shot.
+Shapes: B batch, N points, M stored points. Paper -> name: n -> num_groups, p -> group_size, n-way m-shot -> way, shot.
 
 Run:  python finetune.py --task scan_objectnn --variant obj_bg --checkpoint runs/pretrain/last.pth
       python finetune.py --task fewshot --way 5 --shot 10 --folds all --checkpoint runs/pretrain/last.pth
@@ -150,9 +148,9 @@ def build_config(argv=None):
     task = pre_parser.parse_known_args(argv)[0].task
     if task not in TASKS:
         raise SystemExit(f"--task must be one of {TASKS}, got {task!r}.")
-    # parse_config applies presets[--preset] as defaults; "" (no preset) gets the task's defaults alone.
-    presets = {name: {**TASK_DEFAULTS[task], **values} for name, values in {"": {}, **FINETUNE_PRESETS}.items()}
-    return parse_config(Config, argv, presets)
+    # presets[--preset] are the defaults, after the task's; "" (no preset): the task's defaults alone.
+    return parse_config(Config, argv, {name: {**TASK_DEFAULTS[task], **values}
+                                       for name, values in {"": {}, **FINETUNE_PRESETS}.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,8 +296,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         start_epoch, best, metrics = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["last"]
         if is_main:
             print(f"{name} resumed from {checkpoint_path} at epoch {start_epoch}")
-    # The step runs through DDP under torchrun (util/distributed.py); `model` itself is tested and saved.
-    train_model = data_parallel(model, device, world_size)
+    train_model = data_parallel(model, device, world_size)  # DDP under torchrun; `model` itself is tested and saved
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
