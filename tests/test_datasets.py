@@ -301,6 +301,7 @@ def test_modelnet40_cache_write_is_atomic(tmp_path, monkeypatch, capsys, failure
     final = root / "modelnet40_train_8192pts_fps.dat"
     reference = datasets.ModelNet40(root, "train", num_points=16)  # built and saved normally, then removed
     final.unlink()
+    final.with_name(final.name + ".json").unlink()  # and its record
 
     def replace_fails(source, destination):
         # At the last moment before the rename, the complete pickle exists only under a temporary name beside it.
@@ -337,8 +338,13 @@ def test_modelnet40_dat_cache_is_used_and_all_its_points_returned(tmp_path):
     labels = [np.array([label], dtype=np.int32) for label in (5, 39, 0)]
     with open(root / "modelnet40_train_8192pts_fps.dat", "wb") as handle:
         pickle.dump([cached, labels], handle)
+    # A cache without a record of its sources (as Point-MAE writes it) and a list of another count: refused.
+    with pytest.raises(ValueError, match=r"modelnet40_train_8192pts_fps\.dat holds 3 shapes, but .*"
+                                         r"modelnet40_train\.txt lists 2"):
+        datasets.ModelNet40(root, "train", num_points=32)
+    (root / "modelnet40_train.txt").unlink()  # the cache alone: used as it is, saying what cannot be checked
     dataset = datasets.ModelNet40(root, "train", num_points=32)
-    assert len(dataset) == 3  # the cache wins over the txt lists (2 shapes)
+    assert len(dataset) == 3
     points, label = dataset[1]
     assert int(label) == 39 and points.shape == (100, 3) and dataset.points_per_sample == 100
     np.testing.assert_allclose(points.numpy(), datasets.normalize_unit_sphere(cached[1][:, :3].astype(np.float64)),
