@@ -7,10 +7,12 @@ segmentation on ShapeNetPart (2,048 points, 50 part labels), following Point-MAE
 files are in synthetic.py. Neither file imports the other: copy either one alone.
 
 Map of this file
-  1. Shared helpers        normalize_unit_sphere (Point-MAE pc_normalize), _check_points, text / pickle readers
-                           that name the offending file in every error, an atomic pickle writer.
+  1. Shared helpers        normalize_unit_sphere (Point-MAE pc_normalize), dtype / points / label checks, text
+                           and pickle readers that name the offending file in every error (the pickle reader allows
+                           numpy's array constructors and nothing else), an atomic pickle writer.
   2. FPS                   farthest_point_sample_numpy (one shape, the obvious reference) and
-                           farthest_point_sample_batched (many shapes at once, torch, CPU or CUDA).
+                           farthest_point_sample_batched (many shapes at once, torch, CPU or CUDA; it updates only
+                           the blocks of points a new sample can reach).
   3. ShapeNet55            Point-BERT layout, pre-training.
   4. ModelNet40            modelnet40_normal_resampled txt files, turned once into Point-MAE's FPS cache (.dat).
   5. ModelNetFewShot       Point-BERT few-shot episodes ({way}way_{shot}shot/{fold}.pkl).
@@ -299,45 +301,119 @@ def farthest_point_sample_numpy(points, num_samples, start_index=0):
     return selected
 
 
+def _morton_codes(points, valid):
+    """(B, N, 3) -> (B, N) long: the Z-order code of each point's cell in a 1024^3 grid over its shape's box."""
+    largest = torch.finfo(torch.float32).max
+    low = torch.where(valid[..., None], points, largest).amin(dim=1, keepdim=True)  # (B, 1, 3) over real points
+    high = torch.where(valid[..., None], points, -largest).amax(dim=1, keepdim=True)  # (B, 1, 3)
+    cells = ((points - low) / (high - low).clamp_min(1e-12) * 1023).clamp(0, 1023).long()  # (B, N, 3)
+    code = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)  # (B, N)
+    for bit in range(10):  # interleave the bits: x0 y0 z0 x1 y1 z1 ...
+        for axis in range(3):
+            code |= ((cells[..., axis] >> bit) & 1) << (3 * bit + axis)
+    return code
+
+
+def _ordered_keys(distances, indices, index_bits):
+    """One int64 per entry that orders by distance first, then by LOWER index: the max is argmax's choice.
+
+    A float32's bit pattern read as an integer orders like the float for values >= 0; flipping the low 31 bits of
+    negative ones (-1 for chosen points, -inf for padding) puts them below, in float order.
+    """
+    bits = distances.view(torch.int32).long()  # (A,)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits << index_bits) + ((1 << index_bits) - 1 - indices)
+
+
 @torch.no_grad()
-def farthest_point_sample_batched(points, num_samples, num_valid=None):
+def farthest_point_sample_batched(points, num_samples, num_valid=None, block_size=64):
     """Farthest point sampling of many shapes at once: points (B, N, 3) -> indices (B, num_samples) long.
 
-    Twin of tokenizer.farthest_point_sample, copied so that this file stands alone: the same algorithm (start at
-    point 0, squared distances in float32, ties to the lowest index as argmax does), with two additions for the
-    cache builder, neither of which changes the result on shapes of distinct points:
+    The same choices as tokenizer.farthest_point_sample's algorithm (start at point 0, squared distances in
+    float32, ties to the lowest index as argmax does), with two additions for the cache builder, neither of which
+    changes the result on shapes of distinct points:
       - num_valid (B,) long: row b holds num_valid[b] real points, the rest of it is padding that is never chosen,
         so shapes stored with different numbers of points share one batch;
       - a chosen point's distance is set to -1, so a shape with duplicate points (distance 0 to a chosen one) still
         gets every one of its points before any is repeated: sampling all N gives a permutation of them.
-    Runs on points.device. Coordinates are kept as three contiguous (B, N) planes updated in place: on the CPU
-    about 5x faster than the twin's (B, N, 3) reduction (measured with B = 64, N = 10000).
+    How it saves work: late in FPS a new sample is near few points, and only those can get closer to the chosen
+    set. The points are sorted along a Z-order curve and cut into blocks of block_size neighbours with a bounding
+    box each; a step updates only the blocks whose box is nearer to the new sample than their farthest point's
+    distance (about 5 of 157 blocks per shape on ModelNet40's 10000 points), and the next sample is read off
+    one key per block. The distances it computes are the same float32 operations as the dense update's, so the
+    indices are identical (tests/test_datasets.py checks them against the dense version on the real shapes).
+    Runs on points.device.
     """
     batch_size, num_points, _ = points.shape
     device = points.device
-    planes = points.to(torch.float32).permute(2, 0, 1).contiguous()  # (3, B, N) x, y and z planes
-    # Squared distance of every point to its nearest chosen point so far; padding starts (and stays) at -inf.
-    nearest_distance = torch.full((batch_size, num_points), float("inf"), device=device)  # (B, N)
-    if num_valid is not None:
-        padding = torch.arange(num_points, device=device)[None, :] >= num_valid.to(device)[:, None]  # (B, N)
-        nearest_distance.masked_fill_(padding, float("-inf"))
-    distance = torch.empty(batch_size, num_points, device=device)  # (B, N) scratch buffers, reused every step
-    term = torch.empty(batch_size, num_points, device=device)  # (B, N)
+    points = points.to(torch.float32)
+    counts = (num_valid.to(device) if num_valid is not None
+              else torch.full((batch_size,), num_points, dtype=torch.long, device=device))  # (B,)
+    num_blocks = -(-num_points // block_size)  # nb
+    padded_points = num_blocks * block_size  # Np = nb * L
+    index_bits = padded_points.bit_length()  # every index and the marker num_points fit below 2^index_bits
+    positions = torch.arange(padded_points, device=device)  # (Np,)
+    valid = positions[None, :num_points] < counts[:, None]  # (B, N)
+    # 1. Order: Z-order (padding last), cut into blocks; inside a block by index, so a block's first maximum is
+    #    its lowest-index one. `order` maps a sorted position to the original index; num_points marks padding.
+    code = _morton_codes(points, valid).masked_fill_(~valid, 1 << 40)  # (B, N)
+    order = code.argsort(dim=1, stable=True)  # (B, N)
+    order = order.masked_fill(~valid.gather(1, order), num_points)
+    order = torch.cat([order, order.new_full((batch_size, padded_points - num_points), num_points)], dim=1)
+    order = order.view(batch_size, num_blocks, block_size).sort(dim=2).values.view(batch_size, padded_points)
+    real = order < num_points  # (B, Np)
+    # Padding slots copy their block's first point (a real one when the block holds any), so boxes stay tight;
+    # their distance stays -inf.
+    block_first = order.view(batch_size, num_blocks, 1, block_size)[..., 0].expand(-1, -1, block_size)  # (B, nb, L)
+    block_first = block_first.reshape(batch_size, padded_points)  # (B, Np)
+    source = torch.where(real, order, torch.where(block_first < num_points, block_first, order[:, :1]))  # (B, Np)
+    planes = points.gather(1, source[..., None].expand(-1, -1, 3)).permute(2, 0, 1).contiguous()  # (3, B, Np)
+    inverse = torch.zeros(batch_size, num_points + 1, dtype=torch.long, device=device)  # original -> sorted position
+    inverse.scatter_(1, order, positions.expand(batch_size, -1).contiguous())
+    # 2. Squared distance of every point to its nearest chosen point so far (padding -inf), and per block its
+    #    box, its largest distance and the key of its first point at that distance.
+    nearest = torch.full((batch_size, padded_points), float("inf"), device=device).masked_fill_(~real, float("-inf"))
+    block_planes = planes.view(3, batch_size * num_blocks, block_size)  # (3, B * nb, L)
+    block_nearest = nearest.view(batch_size * num_blocks, block_size)  # (B * nb, L)
+    flat_order, flat_planes, flat_nearest = order.view(-1), planes.view(3, -1), nearest.view(-1)
+    box_low = block_planes.amin(dim=2).view(3, batch_size, num_blocks)  # (3, B, nb)
+    box_high = block_planes.amax(dim=2).view(3, batch_size, num_blocks)  # (3, B, nb)
+    block_max, block_arg = block_nearest.max(dim=1)  # (B * nb,)
+    block_rows = torch.arange(batch_size * num_blocks, device=device)
+    block_key = _ordered_keys(block_max, flat_order[block_rows * block_size + block_arg], index_bits)  # (B * nb,)
+    row_offset = torch.arange(batch_size, device=device) * padded_points  # (B,)
+    low_bits = (1 << index_bits) - 1
+    # A box bound is computed in float32 too; shrinking it by 1e-4 (far above float32's rounding) keeps a block
+    # whose points could tie or get closer, so skipping never changes a distance.
+    shrink = 1 - 1e-4
     selected = torch.empty(batch_size, num_samples, dtype=torch.long, device=device)  # (B, num_samples)
     current = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) start at point 0, like the twin
     for step in range(num_samples):
-        # The loop runs over the samples (inherent to FPS); every step is vectorised over the B shapes and N points.
+        # The loop runs over the samples (inherent to FPS); every step is vectorised over the B shapes.
         selected[:, step] = current
-        current_point = planes.gather(2, current.view(1, batch_size, 1).expand(3, batch_size, 1))  # (3, B, 1)
-        # Squared distance to the point just chosen: (x - cx)^2 + (y - cy)^2 + (z - cz)^2, in place.
-        torch.sub(planes[0], current_point[0], out=distance).square_()  # (B, N)
+        flat_position = inverse.gather(1, current[:, None]).squeeze(1) + row_offset  # (B,)
+        center = flat_planes.index_select(1, flat_position)  # (3, B) the point just chosen
+        flat_nearest.index_fill_(0, flat_position, -1.0)  # the chosen point is never chosen again
+        # Lower bound of the squared distance from the new sample to each block's box.
+        gap = torch.maximum(box_low - center[..., None], center[..., None] - box_high).clamp_min_(0)  # (3, B, nb)
+        bound = gap.square_().sum(dim=0).view(-1)  # (B * nb,)
+        active = (bound.mul_(shrink) <= block_max).nonzero().squeeze(1)  # (A,) blocks that can change
+        block_points = block_planes.index_select(1, active)  # (3, A, L)
+        block_center = center.index_select(1, active // num_blocks)[..., None]  # (3, A, 1)
+        # Squared distance to the point just chosen: (x - cx)^2 + (y - cy)^2 + (z - cz)^2, the dense update's ops.
+        distance = (block_points[0] - block_center[0]).square_()  # (A, L)
         for axis in (1, 2):
-            torch.sub(planes[axis], current_point[axis], out=term)  # (B, N)
+            term = block_points[axis] - block_center[axis]  # (A, L)
             distance.addcmul_(term, term)
-        torch.minimum(nearest_distance, distance, out=nearest_distance)  # (B, N)
-        nearest_distance.scatter_(1, current[:, None], -1.0)  # the chosen point is never chosen again
+        updated = torch.minimum(block_nearest.index_select(0, active), distance)  # (A, L)
+        block_nearest.index_copy_(0, active, updated)
+        new_max, new_arg = updated.max(dim=1)  # (A,)
+        block_max.index_copy_(0, active, new_max)
+        block_key.index_copy_(0, active, _ordered_keys(
+            new_max, flat_order.index_select(0, active * block_size + new_arg), index_bits))
         # The next sample is the point farthest from everything chosen so far (ties: lowest index).
-        current = nearest_distance.argmax(dim=1)  # (B,)
+        best = block_key.view(batch_size, num_blocks).amax(dim=1)  # (B,)
+        current = low_bits - (best & low_bits)  # (B,)
     return selected
 
 
@@ -408,10 +484,10 @@ MODELNET40_LAYOUT = ("ROOT/modelnet40_shape_names.txt, ROOT/modelnet40_{train,te
                      "ROOT/modelnet40_{train,test}_8192pts_fps.dat; ROOT may also be the parent of "
                      "modelnet40_normal_resampled/.")
 MODELNET40_CACHE_POINTS = 8192  # Point-MAE / Point-BERT: N_POINTS 8192, hence the cache name ..._8192pts_fps.dat
-# Shapes per FPS batch: all the working memory of a batch, about 24 bytes per stored point, stays in the CPU's
-# caches with 32 shapes of 10000 points (the fastest size measured on the CPU); a GPU wants many shapes at once
-# (1024 shapes: about 250 MB on the device, and as much in decoded text files on the host).
-MODELNET40_FPS_CHUNK = {"cpu": 32, "cuda": 1024}
+# Shapes per FPS batch: each step of the block FPS costs a few dozen small torch calls whatever the batch, so
+# bigger batches spread that cost (256 shapes of 10000 points: about 60 MB of decoded text and 40 MB of FPS state
+# on the CPU; 1024 on a GPU: about 250 MB on the device, and as much in decoded text files on the host).
+MODELNET40_FPS_CHUNK = {"cpu": 256, "cuda": 1024}
 # How the cache's points are chosen, kept in its record: a cache sampled otherwise is rebuilt.
 MODELNET40_CACHE_SAMPLING = {"num_samples": MODELNET40_CACHE_POINTS, "fps_start": 0, "fps_distance": "float32",
                              "columns": "x,y,z,nx,ny,nz"}
@@ -471,12 +547,19 @@ class ModelNet40(Dataset):
     temporary file, fsync, rename), in Point-MAE's own layout so that its code can read it too. If the folder is
     not writable, the same arrays are built in memory by the constructor (in the main process, before any
     DataLoader worker starts) and a message says why the cache could not be written. Every later access is an
-    in-memory slice. Measured on the real 10000-point shapes of ../shared/fixtures, one CPU thread of a busy 2-core
-    machine, no GPU: building the cache takes 0.2-0.33 s per shape (17-27 ms of it decoding the text, the rest
-    FPS, which more threads or a GPU shorten), about 35-55 minutes once for the 9,843 training shapes; afterwards
-    the constructor reads the cache in about 1 ms per shape and a read takes about 0.03 ms per shape, where the
-    txt reader re-decoded every shape every epoch (46 ms per shape). Delete the .dat file to rebuild it (e.g. after
-    changing the txt files).
+    in-memory slice (the constructor reads the cache in about 1 ms per shape, a read takes about 0.03 ms).
+    The build's time per shape is in docs/RELIABILITY.md, with the command that measures it.
+
+    What the cache was built from is recorded beside it, in modelnet40_{split}_8192pts_fps.dat.json: the list's
+    ids, each txt file's size and modification time, the sampling settings, and the cache file's own size and
+    modification time. A cache whose record no longer matches (another cache in its place, a txt edited after
+    the build, a list with other ids or another count) is rebuilt, saying why; when its txt files are gone it
+    cannot be rebuilt and the missing file is named. A cache without a record (Point-MAE's download) is checked
+    by its count and label order against the list (Point-MAE writes the shapes in list order) and refused when
+    they differ; when they agree, a message says that whether the txt files changed cannot be checked.
+    NOTE(unspecified): sizes and modification times, not a hash of the 9,843 txt files (which every run would
+    have to read again): an edit that keeps a file's size and modification time is not seen, and a copy that
+    does not keep modification times (cp without -p) leads to one rebuild.
 
     fps_device: where the one-time FPS runs (None: CUDA when available, else the CPU).
     """
