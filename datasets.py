@@ -314,17 +314,6 @@ def _morton_codes(points, valid):
     return code
 
 
-def _ordered_keys(distances, indices, index_bits):
-    """One int64 per entry that orders by distance first, then by LOWER index: the max is argmax's choice.
-
-    A float32's bit pattern read as an integer orders like the float for values >= 0; flipping the low 31 bits of
-    negative ones (-1 for chosen points, -inf for padding) puts them below, in float order.
-    """
-    bits = distances.view(torch.int32).long()  # (A,)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return (bits << index_bits) + ((1 << index_bits) - 1 - indices)
-
-
 @torch.no_grad()
 def farthest_point_sample_batched(points, num_samples, num_valid=None, block_size=64):
     """Farthest point sampling of many shapes at once: points (B, N, 3) -> indices (B, num_samples) long.
@@ -339,8 +328,8 @@ def farthest_point_sample_batched(points, num_samples, num_valid=None, block_siz
     How it saves work: late in FPS a new sample is near few points, and only those can get closer to the chosen
     set. The points are sorted along a Z-order curve and cut into blocks of block_size neighbours with a bounding
     box each; a step updates only the blocks whose box is nearer to the new sample than their farthest point's
-    distance (about 5 of 157 blocks per shape on ModelNet40's 10000 points), and the next sample is read off
-    one key per block. The distances it computes are the same float32 operations as the dense update's, so the
+    distance (about 5 of 157 blocks per shape on ModelNet40's 10000 points); the next sample is the first
+    maximum of the block(s) holding the largest distance. The distances it computes are the same float32 operations as the dense update's, so the
     indices are identical (tests/test_datasets.py checks them against the dense version on the real shapes).
     Runs on points.device.
     """
@@ -351,7 +340,6 @@ def farthest_point_sample_batched(points, num_samples, num_valid=None, block_siz
               else torch.full((batch_size,), num_points, dtype=torch.long, device=device))  # (B,)
     num_blocks = -(-num_points // block_size)  # nb
     padded_points = num_blocks * block_size  # Np = nb * L
-    index_bits = padded_points.bit_length()  # every index and the marker num_points fit below 2^index_bits
     positions = torch.arange(padded_points, device=device)  # (Np,)
     valid = positions[None, :num_points] < counts[:, None]  # (B, N)
     # 1. Order: Z-order (padding last), cut into blocks; inside a block by index, so a block's first maximum is
@@ -371,18 +359,15 @@ def farthest_point_sample_batched(points, num_samples, num_valid=None, block_siz
     inverse = torch.zeros(batch_size, num_points + 1, dtype=torch.long, device=device)  # original -> sorted position
     inverse.scatter_(1, order, positions.expand(batch_size, -1).contiguous())
     # 2. Squared distance of every point to its nearest chosen point so far (padding -inf), and per block its
-    #    box, its largest distance and the key of its first point at that distance.
+    #    box and its largest distance.
     nearest = torch.full((batch_size, padded_points), float("inf"), device=device).masked_fill_(~real, float("-inf"))
     block_planes = planes.view(3, batch_size * num_blocks, block_size)  # (3, B * nb, L)
     block_nearest = nearest.view(batch_size * num_blocks, block_size)  # (B * nb, L)
-    flat_order, flat_planes, flat_nearest = order.view(-1), planes.view(3, -1), nearest.view(-1)
+    flat_order, flat_planes, flat_nearest = order.view(-1), planes.view(3, -1), nearest.view(-1)  # (B * Np)
     box_low = block_planes.amin(dim=2).view(3, batch_size, num_blocks)  # (3, B, nb)
     box_high = block_planes.amax(dim=2).view(3, batch_size, num_blocks)  # (3, B, nb)
-    block_max, block_arg = block_nearest.max(dim=1)  # (B * nb,)
-    block_rows = torch.arange(batch_size * num_blocks, device=device)
-    block_key = _ordered_keys(block_max, flat_order[block_rows * block_size + block_arg], index_bits)  # (B * nb,)
+    block_max = block_nearest.amax(dim=1)  # (B * nb,)
     row_offset = torch.arange(batch_size, device=device) * padded_points  # (B,)
-    low_bits = (1 << index_bits) - 1
     # A box bound is computed in float32 too; shrinking it by 1e-4 (far above float32's rounding) keeps a block
     # whose points could tie or get closer, so skipping never changes a distance.
     shrink = 1 - 1e-4
@@ -407,13 +392,16 @@ def farthest_point_sample_batched(points, num_samples, num_valid=None, block_siz
             distance.addcmul_(term, term)
         updated = torch.minimum(block_nearest.index_select(0, active), distance)  # (A, L)
         block_nearest.index_copy_(0, active, updated)
-        new_max, new_arg = updated.max(dim=1)  # (A,)
-        block_max.index_copy_(0, active, new_max)
-        block_key.index_copy_(0, active, _ordered_keys(
-            new_max, flat_order.index_select(0, active * block_size + new_arg), index_bits))
-        # The next sample is the point farthest from everything chosen so far (ties: lowest index).
-        best = block_key.view(batch_size, num_blocks).amax(dim=1)  # (B,)
-        current = low_bits - (best & low_bits)  # (B,)
+        block_max.index_copy_(0, active, updated.amax(dim=1))
+        # The next sample is the point farthest from everything chosen so far (ties: lowest index). Inside a block
+        # the points are in index order, so its first maximum is its lowest-index one; when several blocks of a
+        # shape hold the largest distance (rare), the lowest of their first maxima wins.
+        maxima = block_max.view(batch_size, num_blocks)  # (B, nb)
+        holders = (maxima == maxima.amax(dim=1, keepdim=True)).view(-1).nonzero().squeeze(1)  # (C,) C >= B
+        first = block_nearest.index_select(0, holders).argmax(dim=1)  # (C,)
+        candidates = flat_order.index_select(0, holders * block_size + first)  # (C,) original indices
+        current = candidates.new_full((batch_size,), num_points).scatter_reduce_(
+            0, holders // num_blocks, candidates, "amin")  # (B,)
     return selected
 
 
@@ -846,6 +834,7 @@ class ScanObjectNN(Dataset):
     root is the folder holding main_split/ and main_split_nobg/ (or h5_files/ above them, or the split folder
     itself). NOTE(unspecified): like Point-MAE, the training split shuffles the point order on every access
     (torch RNG), so FPS starting at point 0 starts at a random point; set shuffle_points=False to disable.
+    num_points (optional): the N the model reads; clouds stored with fewer points are an error naming the file.
     """
 
     def __init__(self, root, variant="obj_bg", split="train", shuffle_points=None, num_points=None):
