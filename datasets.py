@@ -579,6 +579,10 @@ class ModelNet40(Dataset):
                 print(f"ModelNet40 {self.split}: rebuilding {self.cache_path}: {stale}", flush=True)
             sources = [str(path) for path in paths]
             stored_points, labels = self._build_cache(ids, paths, labels, fps_device)
+        wrong_size = next((index for index, label in enumerate(labels) if np.size(label) != 1), None)
+        if wrong_size is not None:
+            raise ValueError(f"{sources[wrong_size]}: expected one label per shape (Point-MAE: an array of shape "
+                             f"(1,)), found shape {np.shape(labels[wrong_size])}.")
         self.labels = np.concatenate([_check_labels(label, sources[index], 40, "a label")
                                       for index, label in enumerate(labels)]) if labels else np.zeros(0, np.int64)
         self.points = self._normalise(stored_points, sources)  # (S, M, 3)
@@ -786,7 +790,7 @@ class ModelNetFewShot(Dataset):
                 raise ValueError(f"{where}: expected a tuple (points, episode label, original label).")
             stored = np.asarray(item[0])  # (M, 6)
             _check_points(stored, where, 6, min_rows=num_points)
-            if np.ndim(item[1]) != 0:
+            if np.size(item[1]) != 1:
                 raise ValueError(f"{where}: expected the episode label as one integer, found shape "
                                  f"{np.shape(item[1])}.")
             label = int(_check_labels(item[1], where, way, "the episode label")[0])

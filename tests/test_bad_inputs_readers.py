@@ -487,6 +487,9 @@ CASES = [
      ValueError, ["fps.dat (entry 0)", "found dtype <U1"]),
     ("modelnet40 cache label out of range", lambda tmp: modelnet40_cache(tmp, labels=[np.array([45], np.int32)] * 2),
      ValueError, ["fps.dat (entry 0)", "0..39", "found 45..45"]),
+    ("modelnet40 cache with two labels for a shape", lambda tmp: modelnet40_cache(
+        tmp, labels=[np.array([0], np.int32), np.array([2, 3], np.int32)]),
+     ValueError, ["fps.dat (entry 1)", "one label per shape", "found shape (2,)"]),
     ("modelnet40 cache of another count", lambda tmp: modelnet40_cache(
         tmp, [np.ones(SHAPE, np.float32)] * 3, [np.array([0], np.int32)] * 3, keep_list=True),
      ValueError, ["fps.dat holds 3 shapes", "modelnet40_train.txt lists 2", "Delete it"]),
@@ -510,6 +513,8 @@ CASES = [
      ValueError, ["0.pkl ('train' entry 0)", "found dtype bool"]),
     ("few-shot label out of range", lambda tmp: few_shot(tmp, [(np.ones((64, 6), np.float32), 7, 7)]),
      ValueError, ["0.pkl ('train' entry 0)", "found 7..7", "0..4"]),
+    ("few-shot label of two values", lambda tmp: few_shot(tmp, [(np.ones((64, 6), np.float32), np.array([1, 2]), 7)]),
+     ValueError, ["0.pkl ('train' entry 0)", "one integer", "found shape (2,)"]),
     ("few-shot complex points", lambda tmp: few_shot(tmp, [(np.ones((64, 6), np.complex128), 1, 7)]),
      ValueError, ["0.pkl ('train' entry 0)", "found dtype complex128"]),
     ("few-shot bool points", lambda tmp: few_shot(tmp, [(np.ones((64, 6), bool), 1, 7)]),
