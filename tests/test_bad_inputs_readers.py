@@ -28,7 +28,7 @@ import datasets
 from test_datasets import SYNSETS, write_modelnet40_txt, write_scanobjectnn, write_shapenet55, write_shapenetpart
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-FIXTURES = REPOSITORY.parent.parent / "shared/fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures"
 # Every dtype a reader accepts: real numbers for points, integers for labels.
 ACCEPTED_DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
                    np.uint8, np.uint16, np.uint32, np.uint64]
