@@ -522,7 +522,8 @@ def build_datasets(cfg):
         train, test = (synthetic.SyntheticShapes(split, stored, size=size, seed=0, variant=variant)
                        for split, size in (("train", cfg.synthetic_train_size), ("test", cfg.synthetic_test_size)))
     elif cfg.task == "scan_objectnn":
-        train, test = (datasets.ScanObjectNN(root, cfg.variant, split) for split in ("train", "test"))
+        train, test = (datasets.ScanObjectNN(root, cfg.variant, split, num_points=cfg.num_points)
+                       for split in ("train", "test"))
     elif cfg.task == "partseg":
         train, test = (datasets.ShapeNetPart(root, split, cfg.num_points) for split in ("train", "test"))
     else:  # modelnet40 and svm
