@@ -201,9 +201,9 @@ def export_file(source, target):
     try:  # the safe loader: tensors, numbers, strings and containers only, so the file cannot run code
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{source!r} holds more than tensors, numbers, strings and containers "
-                         f"({str(error).split('WeightsUnpickler error:')[-1].strip().splitlines()[0][:160]}); it was not loaded. --export reads the last.pth "
-                         f"files pretrain.py writes.") from None
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]
+        raise ValueError(f"{source!r} holds more than tensors, numbers, strings and containers ({reason}); it was "
+                         f"not loaded. --export reads the last.pth files pretrain.py writes.") from None
     layout, state, config = project_state(checkpoint, source)
     if layout != OURS:
         raise ValueError(f"{source!r} is already in the {layout} layout; --export converts this project's "

@@ -30,11 +30,13 @@ its final epoch; both are shown.
 
 Output: the tables on the console (markdown), <out_dir>/results.md (the same text) and <out_dir>/results.json
 (every number in the tables, per method and task, with the runs each comes from).
-Not a paper section: the driver of pretrain.py and finetune.py.
+Not a paper section: the driver of pretrain.py and finetune.py. docs/REPRODUCE.md: the GPU-hour estimate, the
+resume semantics, the published rows' sources, the export of a pre-training to Point-MAE's layout.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -222,6 +224,30 @@ def settings_differences(piece, state):
     saved, wanted = state["settings"], comparable(piece["flags"])
     return [f"--{name} {saved.get(name, '(not given)')} there, {wanted.get(name, '(not given)')} here"
             for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+
+
+def same_value(saved, given):
+    """A checkpoint's saved setting (typed) against a flag's value (typed, or text from --pretrain_flags)."""
+    if str(saved) == str(given):
+        return True
+    try:
+        return float(saved) == float(given)
+    except (TypeError, ValueError):
+        return False
+
+
+def checkpoint_differences(piece):
+    """A pre-training folder with a last.pth but no piece.json (a run started by hand, or piece.json removed): the
+    settings saved in the checkpoint against this command's flags. (finetune.py's --resume compares its runs itself.)"""
+    import torch  # only here: the plan, the dry run and the tables need no torch
+
+    path = os.path.join(piece["folder"], "last.pth")
+    try:  # the safe loader: a checkpoint cannot run code
+        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception as error:
+        return [f"its {path!r} could not be read to compare its settings ({type(error).__name__}: {error})"]
+    return [f"--{name} {saved[name]} there, {value} here" for name, value in piece["flags"].items()
+            if name not in NOT_SETTINGS and name != "out_dir" and name in saved and not same_value(saved[name], value)]
 
 
 def command(piece):
@@ -428,8 +454,9 @@ def markdown_table(title, header, rows):
 
 def tables(table, methods, args):
     """The paper's Tables 1-3 (and ModelNet40) in its layout: the published rows, then ours (best and last epoch)."""
-    source = (f"our runs on the BUILT-IN SYNTHETIC STAND-INS (--data synthetic{', --preset ' + args.preset if args.preset else ''}): "
-              "these numbers say nothing about the paper's" if args.data == "synthetic" else "our runs on the real data")
+    preset = f", --preset {args.preset}" if args.preset else ""
+    source = (f"our runs on the BUILT-IN SYNTHETIC STAND-INS (--data synthetic{preset}): these numbers say nothing "
+              f"about the paper's" if args.data == "synthetic" else "our runs on the real data")
     blocks = [f"Published rows: the papers' tables (reproduce.py's PUBLISHED names each source); ours: {source}, "
               f"mean ± std over the runs (n).\n"]
 
@@ -462,7 +489,8 @@ def tables(table, methods, args):
     rows = [[f"{name} (published)", text_of(value), ""] for name, value in PUBLISHED["modelnet40"].items()]
     blocks.append(markdown_table("Extra: ModelNet40 fine-tuning accuracy (%) (Point-MAE's published 93.8 is voted)",
                                  ["Method", "accuracy", "n"],
-                                 rows + our_rows("modelnet40", ["modelnet40"], ["accuracy"], ("best", "last", "voted"))))
+                                 rows + our_rows("modelnet40", ["modelnet40"], ["accuracy"],
+                                                 ("best", "last", "voted"))))
     return "\n".join(blocks)
 
 
@@ -496,6 +524,9 @@ def parse_args(argv=None):
             parser.error(f"--{option} takes tasks of {TASKS}, found {unknown}.")
     if args.preset == "tiny" and not args.pretrain_epochs:
         args.pretrain_epochs = 2  # pretrain.py's tiny preset keeps the paper's 300 epochs
+    if args.preset not in ("", "tiny"):
+        parser.error(f"--preset must be 'tiny' (pretrain.py's and finetune.py's one preset) or left out, found "
+                     f"{args.preset!r}.")
     if args.preset and args.data != "synthetic":
         parser.error("--preset tiny is a CPU smoke run: it pairs with --data synthetic (the real data sets need the "
                      "paper's model sizes).")
@@ -509,14 +540,15 @@ def main(argv=None):
     methods = list(dict.fromkeys(piece["method"] for piece in plan))
 
     # --- before anything runs: settings on disk, data, dependencies -----------------------------------------------
-    refused = [f"{piece['folder']}: " + "; ".join(settings_differences(piece, states[id(piece)]))
-               for piece in pieces if states[id(piece)] and settings_differences(piece, states[id(piece)])]
-    missing = sorted({piece["needs"] for piece in pieces if args.data == "real"
-                      and states[id(piece)].get("state") != "done" and find_data(piece["needs"], args.data_root) is None})
-    orphans = [piece for piece in pieces if piece["after"] and not any(
-        other["method"] == piece["method"] and other["task"] == "pretrain" for other in pieces)
-        and not any(other["method"] == piece["method"] and other["task"] == "pretrain"
-                    and states[id(other)].get("state") == "done" for other in plan)]
+    differences = {id(piece): settings_differences(piece, states[id(piece)]) if states[id(piece)] else
+                   checkpoint_differences(piece) if piece["task"] == "pretrain"
+                   and os.path.isfile(os.path.join(piece["folder"], "last.pth")) else [] for piece in pieces}
+    refused = [f"{piece['folder']}: " + "; ".join(differences[id(piece)]) for piece in pieces if differences[id(piece)]]
+    missing = sorted({piece["needs"] for piece in pieces if args.data == "real" and states[id(piece)].get("state")
+                      != "done" and find_data(piece["needs"], args.data_root) is None})
+    pretrain_ready = {piece["method"] for piece in plan if piece["task"] == "pretrain"
+                      and (piece in pieces or states[id(piece)].get("state") == "done")}
+    orphans = [piece for piece in pieces if piece["after"] and piece["method"] not in pretrain_ready]
     bench = load_bench(args.bench)
     if args.dry_run or refused or missing or orphans:
         total, unknown = 0.0, 0
@@ -527,7 +559,8 @@ def main(argv=None):
             seconds, figure = estimate_seconds(piece, bench, args)
             total, unknown = total + (seconds or 0.0), unknown + (seconds is None)
             hours = f"{seconds / 3600:.2f} GPU h" if seconds is not None else "GPU h not estimated"
-            found = "synthetic" if args.data == "synthetic" else (find_data(piece["needs"], args.data_root) or "MISSING")
+            found = ("synthetic" if args.data == "synthetic" else
+                     find_data(piece["needs"], args.data_root) or "MISSING")
             print(f"  [{piece['method']}/{piece['name']}] {state}, {hours} ({figure}), data {piece['needs']}: {found}"
                   f"\n      python {piece['script']} {' '.join(command(piece)[2:])}")
         print(f"estimate: {total / 3600:.1f} GPU hours on one GPU" + (f", {unknown} pieces not estimated" if unknown
@@ -573,4 +606,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # A SIGTERM (a job scheduler's, `kill`) stops the running pieces as Ctrl-C does, instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    try:
+        main()
+    except KeyboardInterrupt:  # the running pieces were stopped; their piece.json says "started"
+        raise SystemExit("interrupted: run the same command again to resume (the interrupted pieces continue from "
+                         "their last.pth).")

@@ -60,7 +60,8 @@ def test_the_whole_chain_resumes_does_no_work_twice_and_refuses_changed_settings
     table_1 = "Table 1: ScanObjectNN classification accuracy (%)"
     for kind in ("best", "last"):
         cells = rows[(table_1, f"ours: KR-MAE, {kind} epoch")]
-        assert cells == [f"{scan[variant][f'{kind}_accuracy']['mean']:.2f} ± 0.00" for variant in reproduce.VARIANTS] + ["1"]
+        assert cells == [f"{scan[variant][f'{kind}_accuracy']['mean']:.2f} ± 0.00"
+                         for variant in reproduce.VARIANTS] + ["1"]
     assert rows[(table_1, "KR-MAE (published)")] == ["94.45", "91.91", "89.28", ""]  # KR-MAE Table 1
     few_shot = written["methods"]["kr_mae"]["fewshot"]
     table_2 = [title for title, _ in rows if title.startswith("Table 2")][0]
@@ -85,8 +86,17 @@ def test_the_whole_chain_resumes_does_no_work_twice_and_refuses_changed_settings
     assert reproduce.main([*SHORT, "--out_dir", out, "--gpus", "0,1"]) == results
 
     # Changed settings: refused before anything runs, naming the setting and the folder.
-    with pytest.raises(SystemExit, match=r"(?s)started with other settings.*modelnet40_seed0: --epochs 1 there, 2 here"):
+    with pytest.raises(SystemExit, match=r"(?s)started with other settings.*modelnet40_seed0: --epochs 1 there, "
+                                         r"2 here"):
         reproduce.main([*SHORT[:-6], "--finetune_epochs", "2", *SHORT[-4:], "--out_dir", out])
+    # A pre-training folder without its piece.json (removed, or run by hand): compared with its last.pth's settings.
+    marker = os.path.join(out, "kr_mae", "pretrain", "piece.json")
+    kept = open(marker).read()
+    os.remove(marker)
+    with pytest.raises(SystemExit, match=r"kr_mae/pretrain: --epochs 1 there, 2 here"):
+        reproduce.main([*SHORT[:-8], "--pretrain_epochs", "2", *SHORT[-6:], "--out_dir", out])
+    with open(marker, "w") as handle:
+        handle.write(kept)
     monkeypatch.undo()
 
     # A piece killed mid-run leaves piece.json "started": the next run starts it again with --resume, and finetune.py
