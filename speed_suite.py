@@ -158,8 +158,8 @@ def suite_parts(device_type, preset, work, gpus=1, python=sys.executable):
         part("finetune", "smoke", "finetune.py --preset tiny --epochs 1 --checkpoint pretrain_eager's last.pth",
              [*finetune, "--checkpoint", checkpoint, "--out_dir", os.path.join(work, "finetune")],
              budget_seconds(tiny_start, 0, STEPS["finetune"], tiny_step), needs="pretrain_eager"),
-        part("bf16_tower", "smoke", f"the bf16 frozen tower against float32 on the {device_type.upper()} "
-                                    "(tests/test_tokenizer.py's bounds)",
+        part("bf16_tower", "smoke", f"the bf16 frozen tower against float32 on the "
+                                    f"{'GPU' if device_type == 'cuda' else 'CPU'} (tests/test_tokenizer.py's bounds)",
              [python, "-c", BF16_TOWER_CODE, device_type], budget_seconds(tiny_start, 0, 0, 0),
              note=None if device_type == "cuda" else "on the CPU: the CPU test's own check"),
     ]
@@ -173,12 +173,14 @@ def suite_parts(device_type, preset, work, gpus=1, python=sys.executable):
             compiling = 0 if mode == "eager" or skip else COMPILE_SECONDS[bench_key][step][mode == "graphs"]
             steps = STEPS["bench_with_stages" if (mode, step) == ("eager", "kr_mae") else "bench"]
             budget = (None, "") if skip else budget_seconds(start, compiling, steps, LAST_STEP_SECONDS[bench_key][step])
-            parts.append(part(name, "bench", f"bench.py {' '.join(preset_flags + MODE_FLAGS[mode])} --only {step}",
+            parts.append(part(name, "bench", " ".join(["bench.py", *preset_flags, *MODE_FLAGS[mode], "--only", step]),
                               [python, "bench.py", *preset_flags, *device, "--only", step, *MODE_FLAGS[mode],
                                "--out", os.path.join(work, f"{name}.json")], budget, skip=skip))
             parts[-1].update(step=step, mode=mode)
-    budget = (None, "") if no_bench else budget_seconds(start, 0, STEPS["profile"], LAST_STEP_SECONDS[bench_key]["kr_mae"])
-    parts.append(part("profile", "profile", f"bench.py {' '.join(preset_flags)} --profile --only kr_mae: top kernels",
+    budget = (None, "") if no_bench else budget_seconds(start, 0, STEPS["profile"],
+                                                         LAST_STEP_SECONDS[bench_key]["kr_mae"])
+    what = " ".join(["bench.py", *preset_flags, "--profile --only kr_mae: top kernels"])
+    parts.append(part("profile", "profile", what,
                       [python, "bench.py", *preset_flags, *device, "--only", "kr_mae", "--profile", "--repeats", "1",
                        "--warmup", "1", "--out", os.path.join(work, "profile.json")], budget, skip=no_bench))
     return parts
