@@ -357,9 +357,22 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def strict(value):
+    """`value` with NaN and inf as None: strict JSON (RFC 8259 has no NaN), e.g. for a run's log line that printed a
+    NaN loss. Twin of the one inside bench.write_json."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(item) for item in value]
+    return value
+
+
 def write_summary(result, out):
     """suite.json and suite.md, each written to a temporary name and renamed: a kill never leaves half a file."""
-    for name, text in (("suite.json", json.dumps(result, indent=2, allow_nan=False)), ("suite.md", markdown(result))):
+    for name, text in (("suite.json", json.dumps(strict(result), indent=2, allow_nan=False)),
+                       ("suite.md", markdown(result))):
         path = os.path.join(out, name)
         with open(path + ".tmp", "w") as handle:
             handle.write(text)

@@ -18,6 +18,10 @@ PART_NAMES = ["pretrain_eager", "pretrain_compile", "pretrain_resume", "torchrun
               "bench_compile_point_mae", "bench_graphs_kr_mae", "bench_graphs_point_mae", "profile"]
 
 
+def refuse_constant(name):
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
 def by_name(parts):
     return {part["name"]: part for part in parts}
 
@@ -123,7 +127,7 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path):
                             "'import time; time.sleep(120)']); open(sys.argv[1], 'w').write(str(child.pid)); "
                             "time.sleep(120)", 3),
         bench_part,
-        planted("passes", "import json; print('a line'); print(json.dumps({'loss': 0.5}))", 30),
+        planted("passes", "import json; print('a line'); print(json.dumps({'loss': 0.5, 'norm': float('nan')}))", 30),
         # Ctrl-C during a part (main turns SIGTERM into the same): the part is killed, the rest skipped, all recorded.
         planted("interrupted", "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(120)", 60),
         planted("after_the_stop", "print('never runs')", 30),
@@ -139,7 +143,9 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path):
     assert named["needs_the_failure"]["skip_reason"] == "needs fails's checkpoint, and fails failed"
     assert "ran past its budget of 3 s" in named["overruns"]["error"] and named["overruns"]["seconds"] < 30
     assert process_is_gone(int(child_pid.read_text()))  # the part's whole process group was killed
-    assert named["passes"]["last_record"] == {"loss": 0.5}
+    # Its last log line, NaN included (json.dumps writes NaN): null in the strict JSON written.
+    assert json.loads((out / "suite.json").read_text(), parse_constant=refuse_constant)["parts"][4]["last_record"] == {
+        "loss": 0.5, "norm": None}
     # The bench.py part's figures come from its own JSON, into the step table.
     written = json.loads((work / "bench_eager_point_mae.json").read_text())
     assert named["bench_eager_point_mae"]["bench"] == written and written["kr_mae"] is None
