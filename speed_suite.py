@@ -15,7 +15,8 @@ The parts, in this order; each drives a script through its command line, as a re
       pretrain_eager     pretrain.py on the device, eager (bf16 autocast, fused AdamW, the bf16 frozen tower)
       pretrain_compile   the same with --compile (the whole model, forward and backward, through torch.compile)
       pretrain_resume    --resume of pretrain_eager's checkpoint for a second epoch
-      torchrun_pretrain  pretrain.py under torchrun: NCCL on GPUs; on the CPU 2 processes with gloo
+      torchrun_pretrain  pretrain.py under torchrun: NCCL on 2 GPUs (on 1 GPU one process, which runs the single-
+                         process path); on the CPU 2 processes with gloo
       torchrun_finetune  finetune.py under torchrun, likewise
       finetune           finetune.py from pretrain_eager's checkpoint
       bf16_tower         the bf16 frozen tower against float32 on the device, by tests/test_tokenizer.py's own

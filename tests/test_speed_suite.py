@@ -156,7 +156,7 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path):
     assert [target["met"] for target in result["targets"]] == [None, None, None]
     assert result["targets"][2]["note"] == "not measured at the paper configuration with bf16 on a GPU"
     assert result["suite"]["budget_total_s"] == 30 + 30 + 3 + bench_part["budget_s"] + 30 + 60 + 30
-    assert result["suite"]["seconds"] < 60  # the interrupted part did not run its 120 s
+    assert named["interrupted"]["seconds"] is None and result["suite"]["seconds"] < 110  # not its 120 s
     assert_markdown_matches_json(out)
 
 
