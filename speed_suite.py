@@ -318,8 +318,8 @@ def first_line(text):
 
 
 def markdown(result):
-    """The summary, made from the JSON alone: the parts, the step's throughput, the targets, the top kernels and
-    every failure's error."""
+    """The summary, made from the JSON alone: the parts, the step's throughput, the targets, the stage table of the
+    eager KR-MAE step, the top kernels and every failure's error."""
     suite = result["suite"]
     lines = [f"# Speed suite: {suite['device']}, {suite['sizes']}", "",
              f"Started {suite['started_utc']}; {cell(suite['seconds'], '.1f')} s of a {suite['budget_total_s']} s "
@@ -345,6 +345,14 @@ def markdown(result):
         met = {True: "yes", False: "no", None: row["note"]}[row["met"]]
         lines.append(f"| {row['target']} | {row['minimum']} | {cell(row['measured'], '.1f')} | {row['part'] or '-'} "
                      f"| {met} |")
+    eager = [part for part in result["parts"] if part["name"] == "bench_eager_kr_mae" and part.get("bench")]
+    if eager and eager[0]["bench"]["stages"]:
+        timing = eager[0]["bench"]["stages_timing"]
+        lines += ["", f"## Stages of the eager KR-MAE step (bench_eager_kr_mae; {timing['how']})", "",
+                  "| stage | ms | share |", "|---|---|---|"]
+        lines += [f"| {name} | {1e3 * row['seconds']:.2f} | {100 * row['share']:.1f} % |"
+                  for name, row in eager[0]["bench"]["stages"].items()]
+        lines.append(f"| the step (median) | {1e3 * timing['step_seconds']:.2f} | |")
     if result["profile"]:
         lines += ["", f"## Top kernels of one eager KR-MAE step (profile, by {result['profile']['sorted_by']})", "",
                   "| op or kernel | calls | self ms |", "|---|---|---|"]
@@ -467,7 +475,10 @@ def main(argv=None):
     work = args.work or tempfile.mkdtemp(prefix="speed_suite_")
     os.makedirs(work, exist_ok=True)
     env = environment()
-    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and env["gpu"]) else "cpu"
+    if args.device == "cuda" and not env["gpu"]:
+        raise SystemExit("--device cuda, but torch sees no CUDA device here; --device cpu (or auto) runs the CPU's "
+                         "version of the suite.")
+    device_type = "cuda" if env["gpu"] and args.device != "cpu" else "cpu"
     parts = suite_parts(device_type, args.preset, os.path.abspath(work), gpus=env["gpus"])
     names = [part["name"] for part in parts]
     chosen = [name for name in args.parts.split(",") if name] or names

@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import bench
 import speed_suite
@@ -98,6 +99,10 @@ def assert_markdown_matches_json(out):
             assert row[6] == part["skip_reason"]
     for step in result["throughput"]:
         assert f"| {step['part']} | {step['step']} | {step['mode']} | {step['shapes_per_second']:.1f} |" in text
+    for part in result["parts"]:  # the eager KR-MAE step's stage table
+        if part["name"] == "bench_eager_kr_mae" and part["status"] == "passed":
+            for name, row in part["bench"]["stages"].items():
+                assert f"| {name} | {1e3 * row['seconds']:.2f} | {100 * row['share']:.1f} % |" in text
     for part in result["parts"]:
         if part["status"] in ("failed", "timed out"):
             assert f"### {part['name']} ({part['status']})" in text and part["error"].rstrip() in text
@@ -117,7 +122,7 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir(), work.mkdir()
     child_pid = tmp_path / "child.pid"
-    bench_part = by_name(speed_suite.suite_parts("cpu", "tiny", str(work)))["bench_eager_point_mae"]
+    bench_part = by_name(speed_suite.suite_parts("cpu", "tiny", str(work)))["bench_eager_kr_mae"]
     bench_part["command"] += ["--batch_size", "2", "--repeats", "1", "--warmup", "0"]  # shortened for the test
     parts = [
         planted("fails", "import sys; print('before'); sys.stderr.write('planted failure\\n'); sys.exit(3)", 30),
@@ -147,11 +152,12 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path):
     assert json.loads((out / "suite.json").read_text(), parse_constant=refuse_constant)["parts"][4]["last_record"] == {
         "loss": 0.5, "norm": None}
     # The bench.py part's figures come from its own JSON, into the step table.
-    written = json.loads((work / "bench_eager_point_mae.json").read_text())
-    assert named["bench_eager_point_mae"]["bench"] == written and written["kr_mae"] is None
+    written = json.loads((work / "bench_eager_kr_mae.json").read_text())
+    assert named["bench_eager_kr_mae"]["bench"] == written and written["point_mae"] is None
+    assert {"render", "KAT encoder", "backward + optimizer"} <= set(written["stages"])  # its stage table, in the md
     (step,) = result["throughput"]
-    assert step["part"] == "bench_eager_point_mae" and step["mode"] == "eager" and step["batch_size"] == 2
-    assert step["shapes_per_second"] == written["point_mae"]["shapes_per_second"] > 0
+    assert step["part"] == "bench_eager_kr_mae" and step["mode"] == "eager" and step["batch_size"] == 2
+    assert step["shapes_per_second"] == written["kr_mae"]["shapes_per_second"] > 0
     # On the CPU at the tiny preset no target is assessed: each says so.
     assert [target["met"] for target in result["targets"]] == [None, None, None]
     assert result["targets"][2]["note"] == "not measured at the paper configuration with bf16 on a GPU"
@@ -178,6 +184,9 @@ def test_the_suite_command_runs_the_chosen_parts_and_records_every_part(tmp_path
     assert_markdown_matches_json(out)
     with pytest.raises(SystemExit, match="holds the summary of an earlier suite run"):  # no two runs share a folder
         bench.main(["--suite", "--device", "cpu", "--parts", "bf16_tower", "--out", str(out)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+            bench.main(["--suite", "--device", "cuda", "--out", str(tmp_path / "cuda")])
     with pytest.raises(SystemExit, match=r"unknown parts \['pretrain'\]"):
         bench.main(["--suite", "--device", "cpu", "--parts", "pretrain", "--out", str(tmp_path / "other")])
     # A package the parts import that is missing: no part runs, each says which and what to do.
