@@ -197,17 +197,20 @@ def test_the_suite_command_runs_the_chosen_parts_and_records_every_part(tmp_path
                for part in result["parts"])
 
 
-def step_row(step, mode, shapes_per_second, paper=True, device="NVIDIA H200"):
+def step_row(step, mode, shapes_per_second, paper=True, device="NVIDIA H200", fps_equal=True):
     return {"part": f"bench_{mode}_{step}", "step": step, "mode": mode, "shapes_per_second": shapes_per_second,
-            "paper_configuration": paper, "bf16": True, "device": device}
+            "paper_configuration": paper, "bf16": True, "device": device,
+            "compiled_fps_equals_eager": None if mode == "eager" else fps_equal}
 
 
 def test_targets_take_the_best_measured_mode_at_the_paper_configuration():
     rows = [step_row("kr_mae", "eager", 1300.0), step_row("kr_mae", "compile", 2900.0),
             step_row("kr_mae", "graphs", 3100.0), step_row("point_mae", "eager", 2000.0),
-            step_row("point_mae", "graphs", 12000.0), step_row("kr_mae", "eager", 9999.0, paper=False)]
+            step_row("point_mae", "graphs", 12000.0), step_row("kr_mae", "eager", 9999.0, paper=False),
+            step_row("point_mae", "compile", 20000.0, fps_equal=False)]  # compiled FPS wrong: not the same step
     eager, compiled, point_mae = speed_suite.target_rows(rows)
-    # KR-MAE eager: 1,300 < 1,400 (the tiny-sized 9,999 does not count); compiled: the better of 2,900 and 3,100.
+    # KR-MAE eager: 1,300 < 1,400 (the tiny-sized 9,999 does not count); compiled: the better of 2,900 and 3,100;
+    # Point-MAE: 12,000, the 20,000 of a compiled step whose FPS picked other centres does not count.
     assert (eager["measured"], eager["met"]) == (1300.0, False)
     assert (compiled["measured"], compiled["part"], compiled["met"]) == (3100.0, "bench_graphs_kr_mae", True)
     assert (point_mae["measured"], point_mae["met"]) == (12000.0, True) and point_mae["note"] is None
