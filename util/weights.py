@@ -115,7 +115,9 @@ def load_pretrained(model, path, cfg, whole_model=False):
         raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: encoder parameters missing "
                          f"from it {missing_encoder[:6]} (of {len(missing_encoder)}), unexpected in it "
                          f"{unexpected[:6]} (of {len(unexpected)}). Was it trained with another --depth?")
-    if head_fits:
+    if not head_names:  # --task svm: the encoder alone has no head, so a pre-training file fits it trivially
+        head_text = "alone (this model has no task head)"
+    elif head_fits:
         head_text = "and the task head it was fine-tuned with"
     elif len(head_missing) < len(head_names):
         mismatch = "; ".join((head_misfit or head_missing)[:2])
@@ -124,7 +126,7 @@ def load_pretrained(model, path, cfg, whole_model=False):
         head_text = f"only; new, trained from scratch: {sorted({name.split('.')[0] for name in missing})}"
     print(f"loaded {path} ({layout} layout): {len(loaded)} tensors, the 3-D path {head_text}; --num_heads "
           f"{cfg.num_heads} from the flags")
-    return head_fits
+    return head_fits and bool(head_names)
 
 
 def frozen_towers(model):
