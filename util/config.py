@@ -4,14 +4,17 @@
                                        comment its --help; defaults from the dataclass, --preset, a --resume checkpoint
   PRETRAIN_PRESETS, FINETUNE_PRESETS   --preset tiny of each script: the same small model, so that a tiny
                                        pre-training checkpoint fine-tunes
-  schedule_and_size_checks(cfg)        the flag checks both scripts run before any work
+  schedule_and_size_checks(cfg)        the flag checks both scripts run before any work; range_checks(cfg, ranges)
+                                       every float finite and every number in its range
 """
 import argparse
 import dataclasses
 import inspect
+import math
 import os
+import sys
 
-from util.checkpoints import load_checkpoint
+from util.checkpoints import load_resumable
 
 # --preset: a preset replaces the defaults (after pretrain.py's --method defaults, after finetune.py's task
 # defaults); flags given on the command line still win. The two "tiny" presets build the same small model (dim 96,
@@ -67,12 +70,30 @@ def parse_config(config_class, argv=None, presets=PRETRAIN_PRESETS):
     resume = getattr(known, "resume", "")
     if isinstance(resume, str) and resume:
         # Continue with the run's own settings, so `--resume path` alone is enough; explicit flags still win.
-        saved = load_checkpoint(resume)["config"]
+        explicit = {arg.split("=")[0][2:].removeprefix("no-") for arg in (sys.argv[1:] if argv is None else argv)
+                    if arg.startswith("--")}  # the settings given on the command line
+        saved = load_resumable(resume, "pretrain.py", [field.name for field in dataclasses.fields(config_class)],
+                               explicit)["config"]  # (a --resume path is pretrain.py's; finetune.py's is a flag)
         parser.set_defaults(**{name: value for name, value in saved.items() if name not in ("resume", "overwrite")})
         # The run continues in the checkpoint's folder, not in the out_dir its config recorded: a copied or moved
         # run folder then never writes into the original. An explicit --out_dir still wins.
         parser.set_defaults(out_dir=os.path.dirname(resume) or ".")
     return config_class(**vars(parser.parse_args(argv)))
+
+
+def range_checks(cfg, ranges):
+    """(passed, message) pairs: every float setting is finite (NaN fails every comparison, inf is no rate or weight),
+    and every setting of `ranges` (name, allowed(value, cfg), the allowed values in words: a text formatted with
+    cfg, or a function of cfg) lies in its range."""
+    checks = [(math.isfinite(getattr(cfg, field.name)), f"--{field.name} must be a finite number, got "
+                                                        f"{getattr(cfg, field.name)}.")
+              for field in dataclasses.fields(cfg) if field.type in (float, "float")]
+    for name, allowed, text in ranges:
+        value = getattr(cfg, name)
+        passed = bool(allowed(value, cfg))
+        words = "" if passed else text(cfg) if callable(text) else text.format(cfg=cfg)
+        checks.append((passed, f"--{name} must be {words}, got {value!r}."))
+    return checks
 
 
 def schedule_and_size_checks(cfg):
