@@ -63,6 +63,14 @@ def init_head(module):
                 nn.init.zeros_(layer.bias)
 
 
+def init_new_parts(model):
+    """init_head for every part of `model` outside the pre-trained 3-D path (tokenizer_3d, encoder_pos, encoder):
+    finetune.py --trunc_normal_head gives a new head on a checkpoint's 3-D path the from-scratch initialisation."""
+    for name, child in model.named_children():
+        if name not in ("tokenizer_3d", "encoder_pos", "encoder"):
+            init_head(child)
+
+
 class Classifier(PointEncoder):
     """Point-MAE's classification model: [cls ; group tokens] -> encoder -> [cls output ; max] -> MLP."""
 

@@ -28,12 +28,10 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -41,15 +39,16 @@ from tqdm import tqdm
 import datasets
 import linear_probe
 import synthetic
-from downstream import Classifier, PartSegmenter, backbone_arguments, init_head, test_pass, training_points
+from downstream import (Classifier, PartSegmenter, backbone_arguments, init_head, init_new_parts, test_pass,
+                        training_points)
 from util.checkpoints import (LOCK_NAME, check_fits, check_log, check_same_run, folder_lock, load_resumable,
                               remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
                               write_log_line)
 from util.config import FINETUNE_PRESETS, parse_config, parse_list, range_checks, schedule_and_size_checks
-from util.distributed import (data_parallel, rank_loader, seed_rank_generators, start_processes, stop_processes,
-                              summed_over_ranks, sync_batchnorm)
-from util.optim import epoch_order, learning_rate, make_optimizer, scaled_optimizer
-from util.weights import ENCODER_PREFIXES, load_pretrained
+from util.distributed import (data_parallel, rank_loader, seed_generators, seed_rank_generators, start_processes,
+                              stop_processes, summed_over_ranks, sync_batchnorm)
+from util.optim import epoch_order, learning_rate, make_optimizer, scaled_optimizer, set_learning_rate
+from util.weights import load_pretrained
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
 
@@ -244,9 +243,7 @@ def build_model(cfg, sets, load_weights=True, whole_model=False):
     if cfg.checkpoint and load_weights:
         head_loaded = load_pretrained(model, cfg.checkpoint, cfg, whole_model)
         if cfg.trunc_normal_head and not head_loaded:
-            for name, child in model.named_children():  # every part outside the 3-D path (--trunc_normal_head)
-                if not f"{name}.".startswith(ENCODER_PREFIXES):
-                    init_head(child)
+            init_new_parts(model)  # --trunc_normal_head: a new head gets the from-scratch initialisation
     elif not cfg.checkpoint:
         init_head(model)  # Point-MAE from scratch: truncated normal std 0.02, zero biases
     return model
@@ -259,9 +256,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     # --- setup ------------------------------------------------------------------------------------------------
     is_main = rank == 0
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
-    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial head
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_generators(cfg.seed)  # torch, numpy, random; the same on every rank: the same initial head
     checkpoint_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     name = f"[{task_label(cfg)} seed {cfg.seed}" + (f" fold {cfg.fold}]" if cfg.task == "fewshot" else "]")
     if is_main:
@@ -326,9 +321,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-            frozen = epoch < cfg.freeze_epochs  # --freeze_epochs: the 3-D path waits
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0) * (0.0 if frozen and group.get("encoder") else 1.0)
+            set_learning_rate(optimizer, lr, frozen=epoch < cfg.freeze_epochs)  # --freeze_epochs: the 3-D path waits
             points = batch[0].to(device, non_blocking=True)  # (B, M, 3) all stored points (segmentation: N)
             if segmentation:  # Point-MAE: one scale U[0.8, 1.25] for all axes, then a shift U[-0.1, 0.1] per axis
                 points = datasets.scale_and_shift_isotropic(points)  # (B, N, 3)
@@ -357,10 +350,9 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
             last_read_step = step
             bar.set_postfix(loss=f"{loss_sum / (batch_index + 1):.4f}", lr=f"{lr:.2e}")
 
+        # --- end of epoch: test, log line, checkpoint (rank 0) --------------------------------------------------------
         if not is_main:
             continue  # rank 0 tests and writes; the others wait for it at their next step's all-reduce
-
-        # --- end of epoch: test, log line, checkpoint (rank 0) --------------------------------------------------------
         snapshot = rng_state()
         record = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr, "loss": loss_sum / steps_per_epoch,
                   "train_accuracy": 100 * correct / max(seen, 1)}
@@ -372,8 +364,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
             # NOTE(unspecified): "best" = each metric's maximum over the tested epochs on the test set, as Point-MAE
             # reports (the data sets have no validation split); the final epoch's numbers are reported as "last".
             best.update({key: max(value, best.get(key, -1.0)) for key, value in metrics.items()})
-            record.update(metrics)
-            record.update({f"best_{key}": value for key, value in best.items()})
+            record.update({**metrics, **{f"best_{key}": value for key, value in best.items()}})
             test_text = " ".join(f"{key} {value:.2f}%" for key, value in metrics.items())
             test_text += f" | best {main_metric} {best[main_metric]:.2f}% (epoch {best['epoch'] + 1})"
         record["seconds"] = round(time.time() - started, 2)
@@ -471,6 +462,9 @@ def check_config(cfg):
         (not cfg.eval_only or cfg.task != "svm", "--eval_only tests a fine-tuned model; --task svm trains none "
                                                  "(it already only evaluates --checkpoint)."),
         (not cfg.eval_only or not cfg.resume, "--eval_only trains nothing, so there is nothing to --resume."),
+        (int(os.environ.get("WORLD_SIZE", "1")) == 1 or not (cfg.eval_only or cfg.task == "svm"),
+         f"--eval_only and --task svm train nothing, so they run as one process: use python finetune.py, not "
+         f"torchrun with {os.environ.get('WORLD_SIZE')} processes."),
     ] + schedule_and_size_checks(cfg) + range_checks(cfg, RANGES)  # schedule, groups vs points, every number
     for passed, message in checks:
         if not passed:
@@ -480,9 +474,6 @@ def check_config(cfg):
 def main(cfg):
     # --- setup: settings, data source, device, the runs (seeds x folds) ---------------------------------------
     check_config(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.eval_only or cfg.task == "svm"):
-        raise ValueError(f"--eval_only and --task svm train nothing, so they run as one process: use python "
-                         f"finetune.py, not torchrun with {os.environ['WORLD_SIZE']} processes.")
     cfg = dataclasses.replace(cfg, data=resolve_data(cfg))
     # One process: (0, 1, the --device). Under torchrun: this process's rank, the number of processes, its GPU.
     rank, world_size, device = start_processes(cfg)

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -43,9 +42,9 @@ from util import distributed
 from util.checkpoints import (LOCK_NAME, check_fits, check_log, folder_lock, load_resumable, remove_stale_temporaries,
                               rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, write_log_line)
 from util.config import PRETRAIN_PRESETS, parse_config, range_checks, schedule_and_size_checks
-from util.distributed import (data_parallel, rank_loader, seed_rank_generators, start_processes, summed_over_ranks,
-                              sync_batchnorm)
-from util.optim import epoch_order, learning_rate, make_optimizer
+from util.distributed import (data_parallel, rank_loader, seed_generators, seed_rank_generators, start_processes,
+                              summed_over_ranks, sync_batchnorm)
+from util.optim import epoch_order, learning_rate, make_optimizer, set_learning_rate
 from util.weights import cast_frozen_towers, initialise_from, load_trainable_state, trainable_state
 
 # --method -> the file that owns its settings (Settings, DEFAULTS, PAPER_SETTINGS), its checks and its model.
@@ -296,9 +295,7 @@ def train(cfg, rank, world_size, device):
         os.makedirs(cfg.out_dir, exist_ok=True)
         remove_stale_temporaries(checkpoint_path)  # left by a kill during a checkpoint write; last.pth itself is whole
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
-    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_generators(cfg.seed)  # torch, numpy, random; the same on every rank: the same initial weights
 
     # --- data ---------------------------------------------------------------------------------------------------
     dataset = build_dataset(cfg)
@@ -367,8 +364,7 @@ def train(cfg, rank, world_size, device):
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             points = batch[0].to(device, non_blocking=True)  # (B, N, 3), B = this rank's share of --batch_size
             if cfg.augment:  # Point-MAE: a random scale and translation per shape and axis
                 points = datasets.scale_and_translate(points)  # (B, N, 3)

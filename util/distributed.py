@@ -4,6 +4,7 @@ What pretrain.py and finetune.py need to train on N processes (GPUs, or CPU proc
 process trains on the same global batch:
   start_processes       join the process group, pick this rank's device; a single process is left untouched
   rank_batches          this rank's share of every global batch, cut from the epoch order all ranks compute alike
+  seed_generators       a run's random generators at its start, seeded alike on every rank
   seed_rank_generators  each rank's random generators, a pure function of (seed, rank, epoch)
   sync_batchnorm        every BatchNorm over the global batch (nn.SyncBatchNorm on GPUs, CPUSyncBatchNorm on the CPU)
   OnlyTheLossBackward   the model as DDP sees it: only `loss` carries gradients
@@ -62,6 +63,13 @@ def rank_batches(order, batch_size, rank, world_size):
     process takes at step b; with one process this is order[: steps * B]."""
     local_batch, steps = batch_size // world_size, len(order) // batch_size
     return [order[step * batch_size + rank * local_batch + i] for step in range(steps) for i in range(local_batch)]
+
+
+def seed_generators(seed):
+    """Seed torch (CPU and every GPU), numpy and random with `seed`: a run's start, the same on every rank."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def seed_rank_generators(seed, rank, epoch):

@@ -22,6 +22,13 @@ def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def set_learning_rate(optimizer, lr, frozen=False):
+    """This step's learning rate into every AdamW group: lr times the group's "lr_scale" (scaled_optimizer's; 1 for
+    make_optimizer's groups), and 0 for the groups of the pre-trained 3-D path while `frozen` (--freeze_epochs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0) * (0.0 if frozen and group.get("encoder") else 1.0)
+
+
 def parameter_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases, norms (all 1-D parameters) and learned tokens/positions."""
     decay, no_decay = [], []
