@@ -34,6 +34,7 @@ from render import MultiViewRenderer
 import synthetic
 from tokenizer import group_points
 from util import weights
+from util.checkpoints import load_checkpoint
 
 FRAME = (235, 120, 0)  # the frame of a selected view (orange)
 VISIBLE, MASKED = (30, 90, 220), (205, 205, 205)  # blue = visible group, light grey = masked group
@@ -50,7 +51,7 @@ def font(size):
 
 def load_model(checkpoint_path, clip_model=""):
     """Rebuild the KRMAE of a pretrain.py checkpoint in eval mode on the CPU; clip_model overrides the CLIP file."""
-    checkpoint = pretrain.load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
     config = dict(checkpoint["config"])
     if clip_model:
         config["clip_model"] = clip_model  # the real CLIP weights may live elsewhere on this machine

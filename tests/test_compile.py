@@ -16,6 +16,7 @@ import torch._inductor.config
 
 import pretrain
 from util import weights
+from util.checkpoints import load_checkpoint
 
 torch.set_num_threads(2)
 
@@ -44,12 +45,12 @@ def test_compiled_training_gives_the_eager_losses_and_an_eager_checkpoint(tmp_pa
         for name in terms:  # measured: equal to about 1e-7 relative (fused kernels round differently)
             assert abs(after[name] - before[name]) <= 1e-5 * abs(before[name]) + 1e-7, (name, before, after)
     # The checkpoint holds the eager model's names and loads into an eager model.
-    state = pretrain.load_checkpoint(str(tmp_path / "compiled" / "last.pth"))["model"]
+    state = load_checkpoint(str(tmp_path / "compiled" / "last.pth"))["model"]
     assert not [name for name in state if "_orig_mod" in name]
     cfg = pretrain.build_config(SMALL)
     model = pretrain.build_model(cfg)
     weights.load_trainable_state(model, state)
-    reference = pretrain.load_checkpoint(str(tmp_path / "eager" / "last.pth"))["model"]
+    reference = load_checkpoint(str(tmp_path / "eager" / "last.pth"))["model"]
     assert state.keys() == reference.keys()
 
 

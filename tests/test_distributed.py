@@ -33,6 +33,7 @@ import kr_mae
 from masking import random_masking
 import pretrain
 from util import distributed
+from util.checkpoints import load_checkpoint
 
 torch.set_num_threads(2)
 
@@ -166,7 +167,7 @@ def assert_same_weights(state, expected_state):
 
 
 def checkpoint_weights(path):
-    return pretrain.load_checkpoint(str(path))["model"]
+    return load_checkpoint(str(path))["model"]
 
 
 # ---------------------------------------------------------------- the tests
@@ -230,7 +231,7 @@ def test_resume_across_a_change_of_world_size(tmp_path, monkeypatch):
                    ("pretrain", config(tmp_path / "two_then_one"), 1, str(tmp_path / "killed"))])
     assert_same_weights(checkpoint_weights(resume_one), straight)
     assert [record["epoch"] for record in read_log(tmp_path / "one_then_two" / "log.jsonl")] == [0, 1]
-    assert pretrain.load_checkpoint(str(tmp_path / "two_then_one" / "last.pth"))["epoch"] == 0
+    assert load_checkpoint(str(tmp_path / "two_then_one" / "last.pth"))["epoch"] == 0
     with monkeypatch.context() as patch:
         patch_pretrain(patch, [])
         resumed = pretrain.main(pretrain.build_config(["--resume", str(tmp_path / "two_then_one" / "last.pth")]))
@@ -247,7 +248,7 @@ def test_a_returned_term_the_loss_does_not_use_leaves_ddp_working(tmp_path):
                                  "--out_dir", str(tmp_path)])
     run_two_ranks([("pretrain", cfg, None, str(tmp_path / "trace"))])
     assert [record["epoch"] for record in read_log(tmp_path / "log.jsonl")] == [0]  # its 3 steps taken
-    assert pretrain.load_checkpoint(str(tmp_path / "last.pth"))["step"] == 3
+    assert load_checkpoint(str(tmp_path / "last.pth"))["step"] == 3
 
 
 # ---------------------------------------------------------------- finetune.py
@@ -271,7 +272,7 @@ def classifier_function(run_dir, cfg):
     With the BatchNorm running variances, which training-mode outputs do not read."""
     sets = finetune.build_datasets(cfg)
     model = downstream.Classifier(sets["num_classes"], **downstream.backbone_arguments(cfg))
-    state = pretrain.load_checkpoint(str(run_dir / "last.pth"))["model"]
+    state = load_checkpoint(str(run_dir / "last.pth"))["model"]
     model.load_state_dict(state)
     for layer in model.modules():
         if isinstance(layer, torch.nn.Dropout):

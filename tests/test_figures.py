@@ -13,6 +13,7 @@ from masking import num_visible
 import pretrain
 from pretrain import Config
 from util import weights
+from util.checkpoints import load_checkpoint
 from util.config import parse_config
 
 torch.set_num_threads(2)
@@ -64,7 +65,7 @@ def test_views_figure_scores_the_views_and_frames_the_k_selected(model, tmp_path
 def test_loaded_model_scores_like_the_model_that_was_trained(run, model):
     # pretrain.main seeds torch before building the model, so this rebuilds exactly the trained model, frozen
     # random CLIP tower and its position table included; figures.load_model must agree without the seed.
-    checkpoint = pretrain.load_checkpoint(str(run / "last.pth"))
+    checkpoint = load_checkpoint(str(run / "last.pth"))
     torch.manual_seed(checkpoint["config"]["seed"])
     trained = KRMAE(Config(**checkpoint["config"]))
     weights.load_trainable_state(trained, checkpoint["model"])

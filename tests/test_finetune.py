@@ -15,6 +15,7 @@ import kr_mae
 import pretrain
 import synthetic
 from util import weights
+from util.checkpoints import load_checkpoint
 from util.config import parse_config
 
 torch.set_num_threads(2)
@@ -220,8 +221,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     interrupted_at_second_epoch(finetune, lambda: finetune.main(config(tmp_path / "resumed", *flags)))
     finetune.main(config(tmp_path / "resumed", *flags, "--resume"))
     run = "scan_objectnn_obj_bg_synthetic/seed0"
-    straight = pretrain.load_checkpoint(str(tmp_path / "straight" / run / "last.pth"))
-    resumed = pretrain.load_checkpoint(str(tmp_path / "resumed" / run / "last.pth"))
+    straight = load_checkpoint(str(tmp_path / "straight" / run / "last.pth"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / run / "last.pth"))
     assert straight["model"].keys() == resumed["model"].keys()
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -352,7 +353,7 @@ def test_fresh_run_in_a_used_folder_is_refused_unless_overwrite(tmp_path, monkey
     assert {name: (run / name).read_bytes() for name in before} == before and not (run / "last.pth.tmp").exists()
     finetune.main(config(tmp_path, *FLAGS, "--lr", "0.001", "--overwrite"))
     assert [record["epoch"] for record in read_log(run / "log.jsonl")] == [0]
-    assert pretrain.load_checkpoint(str(run / "last.pth"))["config"]["lr"] == 0.001
+    assert load_checkpoint(str(run / "last.pth"))["config"]["lr"] == 0.001
 
 
 def test_a_data_root_that_does_not_exist_is_an_error_not_synthetic_data(tmp_path):

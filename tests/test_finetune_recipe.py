@@ -14,6 +14,7 @@ import finetune
 import kr_mae
 from tokenizer import farthest_point_sample, gather_points
 from util import optim
+from util.checkpoints import load_checkpoint
 from util.config import parse_config
 
 torch.set_num_threads(2)
@@ -142,7 +143,7 @@ def test_a_new_head_keeps_default_init_from_a_checkpoint_and_truncated_normal_fr
     bound = 1 / (2 * cfg.dim) ** 0.5
     assert loaded.head[0].weight.abs().max() <= bound and loaded.head[0].weight.std() > 0.5 * bound / 3 ** 0.5
     # The backbone came from the checkpoint.
-    state = pretrain.load_checkpoint(str(tmp_path / "pretrained.pth"))["model"]
+    state = load_checkpoint(str(tmp_path / "pretrained.pth"))["model"]
     assert torch.equal(loaded.tokenizer_3d.group_encoder.first_conv[0].weight,
                        state["tokenizer_3d.group_encoder.first_conv.0.weight"])
 
@@ -221,5 +222,5 @@ def test_trunc_normal_head_replaces_the_default_init_of_a_new_head(tmp_path):
     loaded = finetune.build_model(dataclasses.replace(cfg, checkpoint=str(tmp_path / "pretrained.pth"),
                                                       trunc_normal_head=True), {"num_classes": 15})
     assert torch.count_nonzero(loaded.head[0].bias) == 0 and loaded.head[0].weight.std() < 0.03
-    state = pretrain.load_checkpoint(str(tmp_path / "pretrained.pth"))["model"]
+    state = load_checkpoint(str(tmp_path / "pretrained.pth"))["model"]
     assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, state["encoder.blocks.0.attn.qkv.weight"])

@@ -11,6 +11,7 @@ import downstream
 import finetune
 import pretrain
 from util import weights
+from util.checkpoints import load_checkpoint
 from util.config import parse_config
 
 torch.set_num_threads(2)
@@ -99,7 +100,7 @@ def test_a_peer_method_resumes_exactly(tmp_path):
 def test_a_checkpoint_without_a_method_resumes_as_kr_mae(tmp_path):
     cfg = dataclasses.replace(tiny_method(tmp_path, "point_mae"), method="kr_mae")
     pretrain.main(cfg)
-    checkpoint = pretrain.load_checkpoint(str(tmp_path / "last.pth"))
+    checkpoint = load_checkpoint(str(tmp_path / "last.pth"))
     del checkpoint["config"]["method"], checkpoint["config"]["matched"]  # as written before --method existed
     pretrain.save_checkpoint(str(tmp_path / "last.pth"), checkpoint)
     resumed = pretrain.build_config(["--resume", str(tmp_path / "last.pth")])

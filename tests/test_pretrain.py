@@ -14,6 +14,7 @@ import linear_probe
 import pretrain
 from pretrain import Config
 from util import optim, weights
+from util.checkpoints import load_checkpoint
 from util.config import parse_config
 
 torch.set_num_threads(2)
@@ -132,9 +133,9 @@ def test_interrupted_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         pretrain.save_checkpoint(path, {"value": 2})
     monkeypatch.undo()
-    assert pretrain.load_checkpoint(path)["value"] == 1
+    assert load_checkpoint(path)["value"] == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        pretrain.load_checkpoint(str(tmp_path / "missing.pth"))
+        load_checkpoint(str(tmp_path / "missing.pth"))
 
 
 @pytest.mark.parametrize("overrides", [dict(use_2d=False, masking="random"), dict(use_rvs=False),
@@ -242,7 +243,7 @@ def crafted_checkpoint(tmp_path):
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     path, marker = crafted_checkpoint(tmp_path)
-    for load in (lambda: pretrain.load_checkpoint(path), lambda: parse_config(Config, ["--resume", path])):
+    for load in (lambda: load_checkpoint(path), lambda: parse_config(Config, ["--resume", path])):
         with pytest.raises(RuntimeError) as error:
             load()
         assert path in str(error.value) and "not a checkpoint this project wrote" in str(error.value)
@@ -267,7 +268,7 @@ def test_rng_state_needs_only_the_plain_safe_loader_and_restores_every_generator
     torch.save({"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
                path)
     expected = draws()
-    pretrain.set_rng_state(pretrain.load_checkpoint(path)["rng"])
+    pretrain.set_rng_state(load_checkpoint(path)["rng"])
     again = draws()
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2:] == again[2:]
 
@@ -280,7 +281,7 @@ def test_resume_of_a_copied_run_folder_writes_into_the_copy_only(tmp_path):
     assert cfg.out_dir == str(tmp_path / "copy")  # the checkpoint's folder, not the one its config recorded
     pretrain.main(cfg)
     assert read_epochs(tmp_path / "copy" / "log.jsonl") == [0, 1]
-    assert pretrain.load_checkpoint(str(tmp_path / "copy" / "last.pth"))["epoch"] == 1
+    assert load_checkpoint(str(tmp_path / "copy" / "last.pth"))["epoch"] == 1
     assert {path.name: path.read_bytes() for path in (tmp_path / "original").iterdir()} == before
 
 
