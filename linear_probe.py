@@ -455,35 +455,31 @@ def bench_features(train_size=9843, test_size=2468, num_classes=40, width=384, s
 
 
 def bench(args):
-    """Every probe on bench_features, one flushed line per stage, the times and the machine's load at the end."""
+    """The probes named by args.probes on bench_features, one flushed line per stage, then the times and the
+    machine's load (a shared machine's load changes every time)."""
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    features = bench_features(args.train_size, args.test_size)
-    print(f"bench features: train {features[1].shape}, test {features[4].shape}, "
-          f"{len(np.unique(features[2]))} classes; load average before {load_before[0]:.2f}", flush=True)
-    wall, cpu = time.perf_counter(), time.process_time()
-    sweep = () if args.skip_literature else LITERATURE_C_SWEEP
-    if args.skip_literature:  # the probes without the literature SVC (which defines the protocol: always sklearn)
-        result = {"seconds": {}}
-        for key, title, run in (
-                ("cross_validated", "cross-validated SVM", lambda: cross_validated_svm(
-                    features[1], features[2], features[4], features[5])),
-                ("nearest_neighbour", "1-NN", lambda: nearest_neighbour_probe(features[1], features[2], features[4],
-                                                                               features[5])),
-                ("few_shot", "few-shot", lambda: few_shot_probe(*features[1:3], *features[4:6])),
-                ("feature_geometry", "feature geometry", lambda: feature_geometry(features[1]))):
-            print(f"probe: {title} ...", flush=True)
-            started = time.perf_counter()
-            result[key] = run()
-            result["seconds"][key] = time.perf_counter() - started
-            print(f"probe: {title} took {result['seconds'][key]:.1f} s", flush=True)
-    else:
-        result = probe_all(*features, literature_sweep=sweep, verbose=True)
-        print(format_probes(result))
-    result["bench"] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                       "threads": args.threads, "load_before": load_before, "load_after": os.getloadavg()}
-    print(f"bench: {result['bench']['wall_s']:.1f} s wall, {result['bench']['cpu_s']:.1f} s CPU on "
-          f"{args.threads} threads; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    train_max, train_max_mean, train_y, test_max, test_max_mean, test_y = bench_features(args.train_size,
+                                                                                         args.test_size)
+    print(f"bench features: train {train_max_mean.shape}, test {test_max_mean.shape}, {len(np.unique(train_y))} "
+          f"classes; load average before {load_before[0]:.2f}", flush=True)
+    stages = {"geometry": lambda: feature_geometry(train_max_mean),
+              "nn": lambda: nearest_neighbour_probe(train_max_mean, train_y, test_max_mean, test_y),
+              "fewshot": lambda: few_shot_probe(train_max_mean, train_y, test_max_mean, test_y),
+              "cv": lambda: cross_validated_svm(train_max_mean, train_y, test_max_mean, test_y),
+              "literature": lambda: literature_svm(train_max, train_y, test_max, test_y)}
+    result, seconds, cpu = {}, {}, {}
+    for name in args.probes.split(","):
+        if name not in stages:
+            raise ValueError(f"Expected --probes from {sorted(stages)}, but found {name!r}.")
+        print(f"bench: {name} ...", flush=True)
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        result[name] = stages[name]()
+        seconds[name], cpu[name] = time.perf_counter() - wall_start, time.process_time() - cpu_start
+        print(f"bench: {name} took {seconds[name]:.1f} s wall, {cpu[name]:.1f} s CPU; load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+    result["bench"] = {"wall_s": seconds, "cpu_s": cpu, "threads": args.threads, "load_before": load_before,
+                       "load_after": os.getloadavg(), "train_size": args.train_size, "test_size": args.test_size}
     print("As logged:", json.dumps(result))
 
 
@@ -528,7 +524,8 @@ if __name__ == "__main__":
     parser.add_argument("--train_size", type=int, default=9843, help="bench: training shapes (ModelNet40: 9843)")
     parser.add_argument("--test_size", type=int, default=2468, help="bench: test shapes (ModelNet40: 2468)")
     parser.add_argument("--threads", type=int, default=2, help="bench: torch threads")
-    parser.add_argument("--skip_literature", action="store_true", help="bench: leave the literature SVC out")
+    parser.add_argument("--probes", default="geometry,nn,fewshot,cv,literature",
+                        help="bench: the stages to time, comma-separated, in order")
     arguments = parser.parse_args()
     if arguments.bench:
         bench(arguments)
