@@ -613,11 +613,21 @@ def run_svm(cfg, device, run_dir):
         init_head(model)  # Point-MAE's from-scratch initialisation of the whole encoder
         print("No --checkpoint: the features come from a RANDOMLY INITIALISED encoder (a baseline only).")
     model.to(device)
+    # Every stage says when it starts and how long it took, in plain flushed lines (also with --no-progress).
+    shapes = len(sets["train"]) + len(sets["test"])
+    print(f"probe: feature extraction of {shapes} shapes on {device.type} (batches of {cfg.batch_size}: FPS of "
+          f"{cfg.num_points} points and the encoder, both batched on the device) ...", flush=True)
+    started = time.perf_counter()
     features = linear_probe.features_for_probes(model, sets["train"], sets["test"], cfg.batch_size, device, use_bf16,
                                                 cfg.num_workers, prepare=lambda points: test_points(points, cfg.num_points,
                                                                                          cfg.fps_skip_near_origin))
-    probes = linear_probe.probe_all(*features, shots=cfg.probe_shots, draws=cfg.probe_draws, seed=cfg.seed)
-    print(linear_probe.format_probes(probes))
+    extraction_seconds = time.perf_counter() - started
+    print(f"probe: feature extraction took {extraction_seconds:.1f} s ({1000 * extraction_seconds / shapes:.1f} ms "
+          f"per shape)", flush=True)
+    probes = linear_probe.probe_all(*features, shots=cfg.probe_shots, draws=cfg.probe_draws, seed=cfg.seed,
+                                    verbose=True)
+    probes["seconds"] = {"feature_extraction": extraction_seconds, **probes["seconds"]}
+    print(linear_probe.format_probes(probes), flush=True)
     result = {"seed": cfg.seed, **flatten_probes(probes)}
     with open(os.path.join(run_dir, "log.jsonl"), "w") as handle:
         handle.write(json.dumps({**result, "probes": probes}) + "\n")
@@ -627,13 +637,22 @@ def run_svm(cfg, device, run_dir):
 def flatten_probes(probes):
     """linear_probe.probe_all's nested result -> flat float fields, so main() can average them over seeds."""
     literature, validated, few_shot = probes["literature"], probes["cross_validated"], probes["few_shot"]
-    return {"literature_svm_accuracy": float(literature["test_accuracy"]),
-            "literature_svm_train_accuracy": float(literature["train_accuracy"]),
-            "cv_svm_accuracy": float(validated["test_accuracy"]),
+    geometry = probes["feature_geometry"]["max_mean"]
+    return {"cv_svm_accuracy": float(validated["test_accuracy"]),
+            "cv_svm_class_mean_accuracy": float(validated["test_class_mean_accuracy"]),
             "cv_svm_train_accuracy": float(validated["train_accuracy"]), "cv_svm_C": float(validated["C"]),
             "nearest_neighbour_accuracy": float(probes["nearest_neighbour"]),
+            "nearest_neighbour_class_mean_accuracy": float(probes["nearest_neighbour_class_mean"]),
             f"few_shot_{few_shot['shots']}_class_accuracy": float(few_shot["mean"]),
-            "majority_share": float(probes["majority_share"])}
+            f"few_shot_{few_shot['shots']}_accuracy": float(few_shot["accuracy_mean"]),
+            "literature_svm_accuracy": float(literature["test_accuracy"]),
+            "literature_svm_class_mean_accuracy": float(literature["test_class_mean_accuracy"]),
+            "literature_svm_train_accuracy": float(literature["train_accuracy"]),
+            **{f"literature_svm_accuracy_C{entry['C']:g}": float(entry["test_accuracy"])
+               for entry in literature["c_sweep"]},
+            "effective_rank": float(geometry["effective_rank"]),
+            "participation_ratio": float(geometry["participation_ratio"]),
+            "mean_cosine": float(geometry["mean_cosine"]), "majority_share": float(probes["majority_share"])}
 
 
 def build_model(cfg, sets, load_weights=True, whole_model=False):
@@ -1011,7 +1030,8 @@ def main(cfg):
             # NOTE(unspecified): sample standard deviation (n - 1) over seeds / folds; 0 for a single run.
             std = values.std().item() if len(values) > 1 else 0.0
             summary[key] = {"mean": values.mean().item(), "std": std}
-            unit = "" if key.endswith("_C") else " %"
+            unitless = key.endswith("_C") or key in ("effective_rank", "participation_ratio", "mean_cosine")
+            unit = "" if unitless else " %"
             print(f"{task_label(cfg)} {key}: {values.mean().item():.4g} +- {std:.2g}{unit} over {len(values)} run(s)")
         with open(os.path.join(label_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=1)

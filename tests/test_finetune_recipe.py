@@ -159,6 +159,11 @@ def test_svm_task_reports_every_probe_and_the_cv_probe_is_far_above_the_majority
     text = capsys.readouterr().out
     for name in ("literature", "cross-validated", "1-NN", "few-shot", "majority"):
         assert name in text, name
+    # Every stage of --task svm says when it starts and how long it took, in plain lines.
+    for stage in ("feature extraction", "cross-validated SVM", "1-NN cosine", "few-shot", "literature SVC"):
+        assert f"probe: {stage}" in text and any(line.startswith(f"probe: {stage}") and " took " in line
+                                                 for line in text.splitlines()), stage
+    assert "ms per shape" in text
     run = summary["runs"][0]
     assert run["majority_share"] == pytest.approx(100 / 12)
     # A randomly initialised encoder's features already separate the synthetic classes well; a probe that
