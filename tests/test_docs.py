@@ -7,7 +7,8 @@
       same kind ending "(code: `the note's first six words`)", so the match names no file and survives code moving
       between files; and every such quote is a note of the code, so no entry outlives its note.
   (c) every relative link of README.md and docs/*.md resolves (file and #anchor), and every "REFERENCE sec. N" /
-      "docs/REFERENCE.md sec. N" pointer in the code names a section that docs/REFERENCE.md has.
+      "docs/REFERENCE.md sec. N" / "PEERS.md N" pointer in the code names a section that docs/REFERENCE.md or
+      docs/PEERS.md has.
   (d) README.md has at most README_MAX_LINES lines.
 
 Each check is a function of text, so the tests also run it on a broken input and see it fail.
@@ -281,17 +282,21 @@ def test_deviations_check_fails_on_a_broken_input(tmp_path):
 
 # ---------------------------------------------------------------- (c) links and REFERENCE pointers
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
-# "REFERENCE sec. 7", "REFERENCE.md sec. 4", "docs/REFERENCE.md section 8", "REFERENCE sec. 7-8", "REFERENCE.md
-# sections 5 and 8", also broken over two lines of a comment or docstring.
-REFERENCE_POINTER = re.compile(r"REFERENCE(?:\.md)?[\s#]+sec(?:tions?|s?\.)?[\s#]*(\d+(?:\s*(?:-|,|and)\s*\d+)*)")
-REFERENCE_SECTION = re.compile(r"^## (\d+)\. ", re.MULTILINE)
+# Pointers from the code into docs/: "REFERENCE sec. 7", "REFERENCE.md sec. 4", "docs/REFERENCE.md section 8",
+# "REFERENCE sec. 7-8", "REFERENCE.md sections 5 and 8", also broken over two lines of a comment or docstring; and
+# "PEERS.md section 1", "PEERS.md sec. 4.2", "PEERS.md 3.6".
+POINTED_DOCUMENTS = ("REFERENCE", "PEERS")
+SECTION_NUMBERS = r"(\d+(?:\.\d+)?(?:\s*(?:-|,|and)\s*\d+(?:\.\d+)?)*)"
+POINTER = {name: re.compile(name + r"(?:\.md)?[\s#]+(?:sec(?:tions?|s?\.)?[\s#]*)?" + SECTION_NUMBERS)
+           for name in POINTED_DOCUMENTS}
+SECTION_HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", re.MULTILINE)  # "## 7. Official ...", "### 4.2 Rebuilt"
 
 
 def pointer_sections(numbers_text):
-    """"7-8" -> [7, 8]; "5 and 8" -> [5, 8]; "4" -> [4]."""
-    numbers = [int(number) for number in re.findall(r"\d+", numbers_text)]
-    if "-" in numbers_text and len(numbers) == 2:
-        return list(range(numbers[0], numbers[1] + 1))
+    """"7-8" -> ["7", "8"]; "5 and 8" -> ["5", "8"]; "4.2" -> ["4.2"]."""
+    numbers = re.findall(r"\d+(?:\.\d+)?", numbers_text)
+    if "-" in numbers_text and len(numbers) == 2 and "." not in numbers_text:
+        return [str(n) for n in range(int(numbers[0]), int(numbers[1]) + 1)]
     return numbers
 
 
@@ -353,16 +358,17 @@ def test_link_check_fails_on_a_broken_input(tmp_path):
         "README.md: docs/p.png (no such file)"]
 
 
-def reference_pointer_problems(texts, reference_text):
-    """["file:line: sec. N"] of every REFERENCE pointer in the code naming a section docs/REFERENCE.md lacks;
-    texts: [(file name, its text)]."""
-    sections = {int(number) for number in REFERENCE_SECTION.findall(reference_text)}
+def pointer_problems(texts, documents):
+    """["file:line: NAME.md sec. N"] of every pointer in the code to a section that docs/NAME.md lacks; texts:
+    [(file name, its text)], documents: {"REFERENCE": the text of docs/REFERENCE.md, ...}."""
     problems = []
-    for name, text in texts:
-        for match in REFERENCE_POINTER.finditer(text):
-            line = text.count("\n", 0, match.start()) + 1
-            problems += [f"{name}:{line}: sec. {number}" for number in pointer_sections(match.group(1))
-                         if number not in sections]
+    for document, document_text in documents.items():
+        sections = set(SECTION_HEADING.findall(document_text))
+        for name, text in texts:
+            for match in POINTER[document].finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                problems += [f"{name}:{line}: {document}.md sec. {number}" for number in pointer_sections(match.group(1))
+                             if number not in sections]
     return problems
 
 
@@ -371,21 +377,27 @@ def code_texts(root=ROOT):
             for pattern in CODE_FILES + ("tests/*.py",) for path in sorted(Path(root).glob(pattern))]
 
 
-def test_every_reference_pointer_names_a_section():
+def test_every_pointer_into_docs_names_a_section():
     texts = [(name, text) for name, text in code_texts() if name != "tests/test_docs.py"]
-    pointers = sum(len(REFERENCE_POINTER.findall(text)) for _, text in texts)
-    assert pointers >= 20, f"only {pointers} REFERENCE pointers found in the code: is the pattern broken?"
-    problems = reference_pointer_problems(texts, (ROOT / "docs" / "REFERENCE.md").read_text())
-    assert not problems, "REFERENCE pointers naming no section of docs/REFERENCE.md:\n" + "\n".join(problems)
+    for document in POINTED_DOCUMENTS:
+        pointers = sum(len(POINTER[document].findall(text)) for _, text in texts)
+        assert pointers >= 10, f"only {pointers} {document} pointers found in the code: is the pattern broken?"
+    documents = {name: (ROOT / "docs" / f"{name}.md").read_text() for name in POINTED_DOCUMENTS}
+    problems = pointer_problems(texts, documents)
+    assert not problems, "pointers naming no section of docs/:\n" + "\n".join(problems)
 
 
-def test_reference_pointer_check_fails_on_a_broken_input():
-    reference = "# Facts\n\n## 1. Backbone\n\n## 2. Projection\n\n## 5. Data\n\n## 8. Recipe\n"
+def test_pointer_check_fails_on_a_broken_input():
+    documents = {"REFERENCE": "# Facts\n\n## 1. Backbone\n\n## 2. Projection\n\n## 5. Data\n\n## 8. Recipe\n",
+                 "PEERS": "# Peers\n\n## 1. Common ground\n\n## 4. CrossAlignNet\n\n### 4.2 Rebuilt equations\n"}
     code = [("a.py", "x = 1  # REFERENCE sec. 2\n# docs/REFERENCE.md sec. 7: the layout\n"),
             ("b.py", '"""(REFERENCE section 1), (REFERENCE.md sections 5 and 8), (REFERENCE\nsec. 9)."""\n'),
-            ("c.py", "# REFERENCE sec. 1-3\n")]
-    assert reference_pointer_problems(code, reference) == ["a.py:2: sec. 7", "b.py:1: sec. 9", "c.py:1: sec. 3"]
-    assert reference_pointer_problems(code, reference + "\n## 3. x\n\n## 7. y\n\n## 9. z\n") == []
+            ("c.py", "# REFERENCE sec. 1-3, PEERS.md section 1, PEERS.md sec. 4.2, PEERS.md 4.4\n")]
+    assert pointer_problems(code, documents) == ["a.py:2: REFERENCE.md sec. 7", "b.py:1: REFERENCE.md sec. 9",
+                                                 "c.py:1: REFERENCE.md sec. 3", "c.py:1: PEERS.md sec. 4.4"]
+    documents["REFERENCE"] += "\n## 3. x\n\n## 7. y\n\n## 9. z\n"
+    documents["PEERS"] += "\n### 4.4 On this codebase\n"
+    assert pointer_problems(code, documents) == []
 
 
 # ---------------------------------------------------------------- (d) the README stays a front door
