@@ -6,9 +6,9 @@
   (b) every NOTE(unspecified) / NOTE(deviation) of the code has its entry in docs/DEVIATIONS.md: a bullet of the
       same kind ending "(code: `the note's first six words`)", so the match names no file and survives code moving
       between files; and every such quote is a note of the code, so no entry outlives its note.
-  (c) every relative link of README.md and docs/*.md resolves (file and #anchor), and every "REFERENCE sec. N" /
-      "docs/REFERENCE.md sec. N" / "PEERS.md N" pointer in the code names a section that docs/REFERENCE.md or
-      docs/PEERS.md has.
+  (c) every relative link of README.md and docs/*.md resolves (file and #anchor), README.md links every docs/*.md,
+      and every "REFERENCE sec. N" / "docs/REFERENCE.md sec. N" / "PEERS.md N" pointer in the code names a section
+      that docs/REFERENCE.md or docs/PEERS.md has.
   (d) README.md has at most README_MAX_LINES lines.
 
 Each check is a function of text, so the tests also run it on a broken input and see it fail.
@@ -346,12 +346,28 @@ def test_every_relative_link_resolves():
     assert not broken, "links that do not resolve:\n" + "\n".join(broken)
 
 
+def unlinked_documents(root=ROOT):
+    """The docs/*.md files README.md does not link to."""
+    readme = (Path(root) / "README.md").read_text()
+    linked = {(Path(root) / match.group(1).partition("#")[0]).resolve()
+              for match in re.finditer(r"\]\(([^)\s]+)\)", markdown_without_code(readme))}
+    return [path.name for path in sorted((Path(root) / "docs").glob("*.md")) if path.resolve() not in linked]
+
+
+def test_readme_links_every_document():
+    unlinked = unlinked_documents()
+    assert not unlinked, f"README.md links to none of {unlinked}: add each to its 'More documentation' table."
+
+
 def test_link_check_fails_on_a_broken_input(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "A.md").write_text("# Title here\n\n## 2. Second part\n")
     (tmp_path / "README.md").write_text("[a](docs/A.md) [b](docs/A.md#2-second-part) [c](https://x.org/y)\n"
                                         "`[not a link](nowhere.md)`\n")
     assert broken_links(documentation_files(tmp_path), tmp_path) == []
+    assert unlinked_documents(tmp_path) == []
+    (tmp_path / "docs" / "C.md").write_text("# C\n")
+    assert unlinked_documents(tmp_path) == ["C.md"]
     (tmp_path / "README.md").write_text("[a](docs/B.md) [b](docs/A.md#3-third) ![p](docs/p.png)\n")
     assert broken_links(documentation_files(tmp_path), tmp_path) == [
         "README.md: docs/B.md (no such file)", "README.md: docs/A.md#3-third (no such heading)",
