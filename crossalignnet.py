@@ -268,6 +268,9 @@ class CrossAlignNet(nn.Module):
         # ... consistent with Point-MAE"); a from-scratch image transformer, 12 x 384, 6 heads (inferred from the
         # 57.69 M parameters of Table 9; a CLIP ViT-B alone would be 86 M).
         self.image_pos = nn.Parameter(torch.zeros(1, self.num_patches, dim))  # (1, P, D)
+        # NOTE(deviation): Point-MAE decays no position table; pretrain.parameter_groups exempts only names ending
+        # in "token" or holding "pos_embed", so AdamW's weight decay 0.05 applies to image_pos (the two mask tokens
+        # are exempt); the peer table's rows use this rule.
         self.image_encoder = KATransformer(dim=dim, depth=image_depth, num_heads=image_heads,
                                            drop_path_rate=drop_path)
 

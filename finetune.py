@@ -105,6 +105,13 @@ class Config:
     weight_decay: float = 0.05      # Point-MAE: 0.05
     warmup_epochs: int = 10         # Point-MAE: 10
     grad_clip: float = 10.0         # Point-MAE: gradient norm clip 10
+    # Options for a pre-trained encoder with few labels (ours; Point-MAE uses none: the defaults switch them off).
+    layer_decay: float = 1.0        # lr of the pre-trained 3-D path x decay^(depth - i) for block i (BEiT / MAE's
+                                    # layer-wise decay), x decay^(depth + 1) for the tokenizer; 1: off
+    freeze_epochs: int = 0          # the 3-D path at lr 0 for the first N epochs: the new head and class token train
+                                    # alone first (LP-FT); 0: off
+    trunc_normal_head: bool = False  # a new head from a checkpoint gets the from-scratch truncated normal (std 0.02)
+                                     # instead of PyTorch's default init (Point-MAE's)
     eval_every: int = 1             # test every this many epochs (Point-MAE: 1); the last epoch is always tested
     vote: bool = False              # also report accuracy with logits averaged over augmented passes ("voted")
     vote_passes: int = 10           # Point-MAE: 10 augmented passes
@@ -154,7 +161,8 @@ DATA_LAYOUTS = {"scan_objectnn": datasets.SCANOBJECTNN_LAYOUT, "modelnet40": dat
 RUN_SETTINGS = ("checkpoint", "task", "variant", "data", "data_root", "num_points", "num_groups", "group_size",
                 "synthetic_train_size", "synthetic_test_size", "way", "shot", "fold", "queries", "dim", "depth",
                 "num_heads", "drop_path", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
-                "grad_clip", "eval_every", "fewshot_head_classes", "fps_skip_near_origin", "seed")
+                "grad_clip", "eval_every", "fewshot_head_classes", "fps_skip_near_origin", "seed", "layer_decay",
+                "freeze_epochs", "trunc_normal_head")
 # The settings --eval_only compares with those a fine-tuned checkpoint of this project was trained with: the model's
 # shape and the test set it was tested on.
 EVAL_SETTINGS = ("task", "variant", "data", "synthetic_test_size", "num_points", "num_groups", "group_size", "dim",
@@ -625,10 +633,42 @@ def build_model(cfg, sets, load_weights=True, whole_model=False):
     else:
         model = Classifier(sets["num_classes"], **backbone_arguments(cfg))
     if cfg.checkpoint and load_weights:
-        load_pretrained(model, cfg.checkpoint, cfg, whole_model)
+        head_loaded = load_pretrained(model, cfg.checkpoint, cfg, whole_model)
+        if cfg.trunc_normal_head and not head_loaded:
+            for name, child in model.named_children():  # every part outside the 3-D path (--trunc_normal_head)
+                if not f"{name}.".startswith(ENCODER_PREFIXES):
+                    init_head(child)
     elif not cfg.checkpoint:
         init_head(model)  # Point-MAE from scratch: truncated normal std 0.02, zero biases
     return model
+
+
+def layer_scale(name, depth, decay):
+    """--layer_decay: the learning-rate factor of one parameter of the fine-tuning model, by its depth in the
+    pre-trained 3-D path (BEiT's layer ids): the tokenizer and the centre embedding decay^(depth + 1), encoder block i
+    (0-based) decay^(depth - i), the encoder's final norm and every new part (class token, head) 1."""
+    if name.startswith(("tokenizer_3d.", "encoder_pos.")):
+        return decay ** (depth + 1)
+    if name.startswith("encoder.blocks."):
+        return decay ** (depth - int(name.split(".")[2]))
+    return 1.0
+
+
+def scaled_optimizer(model, optimizer, cfg):
+    """The AdamW of `optimizer` (its weight-decay groups and settings) with each group split by learning-rate factor
+    (layer_scale) and by whether it belongs to the pre-trained 3-D path ("encoder", which --freeze_epochs holds
+    at lr 0); the loop multiplies the schedule's lr by each group's "lr_scale"."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            key = (group["weight_decay"], layer_scale(name, depth, cfg.layer_decay), name.startswith(ENCODER_PREFIXES))
+            groups.setdefault(key, []).append(parameter)
+    return torch.optim.AdamW([{"params": params, "weight_decay": decay, "lr_scale": scale, "encoder": encoder}
+                              for (decay, scale, encoder), params in groups.items()], lr=cfg.lr,
+                             fused=bool(optimizer.defaults.get("fused")))
 
 
 def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
@@ -674,6 +714,8 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         model = sync_batchnorm(model, device)  # the heads' and the mini-PointNet's statistics over the global batch
     model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)  # Point-MAE's AdamW; fused on CUDA (pretrain.py)
+    if cfg.layer_decay != 1.0 or cfg.freeze_epochs > 0:
+        optimizer = scaled_optimizer(model, optimizer, cfg)  # the same AdamW, one group per learning-rate factor
 
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch, best, metrics = 0, {}, {}
@@ -710,8 +752,9 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
         for batch_index, batch in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index
             lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            frozen = epoch < cfg.freeze_epochs  # --freeze_epochs: the 3-D path waits
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0) * (0.0 if frozen and group.get("encoder") else 1.0)
             points = batch[0].to(device, non_blocking=True)  # (B, M, 3) all stored points (segmentation: N)
             if segmentation:  # Point-MAE: one scale U[0.8, 1.25] for all axes, then a shift U[-0.1, 0.1] per axis
                 points = datasets.scale_and_shift_isotropic(points)  # (B, N, 3)

@@ -324,6 +324,9 @@ class JointMAE(nn.Module):
             # background is 0 as in the perspective map; each rendered cloud is framed by its own bounding box.
             self.renderer = MultiViewRenderer(num_views=1, image_size=image_size, grid_size=max(8, image_size // 2))
         # NOTE(unspecified): position tables and modality tokens get MAE's / Point-MAE's truncated normal, std 0.02.
+        # NOTE(deviation): Point-MAE decays no token; pretrain.parameter_groups exempts only names ending in "token"
+        # or holding "pos_embed", so AdamW's weight decay 0.05 applies here to modality_token_2d / _3d,
+        # mask_token_3d / _2d and decoder_pos_2d (pos_embed_2d is exempt); the peer table's rows use this rule.
         for parameter in (self.pos_embed_2d, self.modality_token_2d, self.modality_token_3d, self.mask_token_3d,
                           self.mask_token_2d, self.decoder_pos_2d):
             if parameter is not None:

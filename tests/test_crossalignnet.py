@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import crossalignnet as cal
 from kat import KATBlock, KATransformer
+from masking import gather_tokens
 from tokenizer import CenterEmbedding, PointTokenizer
 
 # A small model: G 16, K 8, D 32, 64 x 64 images of 16 x 16 patches (P = 16), no stochastic depth.
@@ -266,6 +267,46 @@ def test_gradient_reaches_every_part_and_lambda_zero_only_logs_gsa():
     out["loss"].backward()
     assert all(p.grad is None for name, p in model.named_parameters() if name.startswith(("gsa_", "point_head")))
     assert model.image_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # still trained through LMR
+
+
+def test_each_branch_reads_the_right_tokens():
+    """Which tensor each part of the two branches reads: E_I the kept image patches (the aligned image mask, not the
+    3-D one) at their positions (Eq. 4); E_P the visible groups (Eq. 3); D_G and D_L [F_P^v ; mask tokens] at the
+    centres' positions, D_L cross-attending to the image ENCODER's output (Eq. 9); H_P / H_I the pools of D_G's and
+    E_I's outputs (Eq. 5-6); H_rec the masked rows of D_L (Eq. 10); L_GSA their contrast (Eq. 7-8). Here Gv = Pv = 7,
+    so swapping the point and image features, or the two masks, runs without a shape error: only this test sees it."""
+    torch.manual_seed(8)
+    model = cal.CrossAlignNet(**SMALL).train()
+    seen = {}
+    for name in ("tokenizer_3d", "encoder", "image_encoder", "gsa_decoder", "point_head", "image_head",
+                 "lmr_decoder", "lmr_head"):
+        getattr(model, name).register_forward_hook(
+            lambda module, args, output, name=name: seen.__setitem__(name, (args, output)))
+    out = model(random_clouds())
+    visible, masked = out["visible_index"], out["masked_index"]  # (B, Gv), (B, Gm)
+    kept = out["image_visible_index"]  # (B, Pv)
+    assert visible.shape[1] == kept.shape[1] == 7 and masked.shape[1] == 9  # shapes cannot tell the parts apart
+    assert not torch.equal(kept, visible)  # the complementary image mask is not the 3-D one
+    tokens = seen["tokenizer_3d"][1][0]  # (B, G, D)
+    (image_tokens, image_pos), image_features = seen["image_encoder"]
+    assert torch.equal(image_tokens, gather_tokens(model.embed_image(out["images"]), kept))  # T_I^v
+    assert torch.equal(image_pos, model.image_pos[0, kept])  # pos_2D of the kept patches
+    (point_tokens, point_pos), encoded = seen["encoder"]
+    assert torch.equal(point_tokens, gather_tokens(tokens, visible))  # T_P^v
+    assert torch.equal(point_pos, model.encoder_pos(gather_tokens(out["centers"], visible)))
+    all_centers = torch.cat([gather_tokens(out["centers"], visible), gather_tokens(out["centers"], masked)], 1)
+    (gsa_input, gsa_pos), gsa_output = seen["gsa_decoder"]
+    assert torch.equal(gsa_input, torch.cat([encoded, model.gsa_mask_token.expand(4, 9, -1)], 1))
+    assert torch.equal(gsa_pos, model.gsa_pos(all_centers))
+    (lmr_input, lmr_pos, context), decoded = seen["lmr_decoder"]
+    assert torch.equal(lmr_input, torch.cat([encoded, model.lmr_mask_token.expand(4, 9, -1)], 1))
+    assert torch.equal(lmr_pos, model.lmr_pos(all_centers))
+    assert torch.equal(context, image_features)  # Eq. (9): keys and values from E_I's output F_I^v
+    assert torch.equal(seen["point_head"][0][0], cal.global_pool(gsa_output))  # Eq. (5)
+    assert torch.equal(seen["image_head"][0][0], cal.global_pool(image_features))  # Eq. (6)
+    assert torch.equal(seen["lmr_head"][0][0], decoded[:, 7:])  # Eq. (10): the masked rows, after the visible ones
+    assert torch.equal(out["predicted"], seen["lmr_head"][1].reshape(4, 9, 8, 3))
+    assert torch.equal(out["loss_gsa"], cal.infonce_loss(seen["point_head"][1], seen["image_head"][1], 0.1))
 
 
 @pytest.mark.parametrize("image_masking, contrast", [("complementary", "infonce"), ("correspondence", "ntxent"),

@@ -3,6 +3,7 @@ the part-segmentation augmentation and head layout, the initialisation rules, th
 linear probes of `--task svm` on a randomly initialised encoder."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -166,3 +167,56 @@ def test_svm_task_reports_every_probe_and_the_cv_probe_is_far_above_the_majority
     assert run["cv_svm_C"] in [float(c) for c in __import__("linear_probe").C_GRID]
     log = json.loads(open(tmp_path / "svm_synthetic" / "seed0" / "log.jsonl").read())
     assert log["probes"]["cross_validated"]["C"] == run["cv_svm_C"]
+
+
+def test_layer_decay_factors_follow_the_depth_of_the_pre_trained_path():
+    decay, depth = 0.5, 4
+    assert finetune.layer_scale("tokenizer_3d.group_encoder.first_conv.0.weight", depth, decay) == 0.5 ** 5
+    assert finetune.layer_scale("encoder_pos.mlp.0.weight", depth, decay) == 0.5 ** 5
+    assert finetune.layer_scale("encoder.blocks.0.attn.qkv.weight", depth, decay) == 0.5 ** 4
+    assert finetune.layer_scale("encoder.blocks.3.mlp.fc1.bias", depth, decay) == 0.5
+    for new_or_last in ("encoder.norm.weight", "cls_token", "cls_pos_embed", "head.0.weight"):
+        assert finetune.layer_scale(new_or_last, depth, decay) == 1.0
+
+
+def test_scaled_optimizer_at_factor_one_steps_exactly_as_point_mae_s_and_freezing_holds_the_encoder(tmp_path):
+    import pretrain
+    cfg = tiny(tmp_path, "scan_objectnn")
+    torch.manual_seed(0)
+    model = finetune.build_model(cfg, {"num_classes": 15})
+    twin = finetune.build_model(cfg, {"num_classes": 15})
+    twin.load_state_dict(model.state_dict())
+    plain = pretrain.make_optimizer(model, cfg, torch.device("cpu"))
+    scaled = finetune.scaled_optimizer(twin, pretrain.make_optimizer(twin, cfg, torch.device("cpu")), cfg)
+    assert {group["encoder"] for group in scaled.param_groups} == {True, False}
+    assert sum(len(group["params"]) for group in scaled.param_groups) == len(list(model.parameters()))
+    points = torch.rand(4, cfg.num_points, 3)
+    for network, optimizer in ((model, plain), (twin, scaled)):
+        torch.manual_seed(1)  # the same drop-path and dropout draws
+        network(points).sum().backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    # --freeze_epochs 1: after one epoch the 3-D path's parameters are the initial ones, the head's are not
+    frozen_cfg = dataclasses.replace(tiny(tmp_path, "scan_objectnn"), freeze_epochs=1, seed=3)
+    finetune.main(frozen_cfg)
+    torch.manual_seed(3)
+    initial = finetune.build_model(frozen_cfg, {"num_classes": 12}).state_dict()
+    run = [os.path.join(root, "last.pth") for root, _, files in os.walk(tmp_path) if "last.pth" in files]
+    trained = torch.load(run[0], weights_only=False)["model"]
+    names = [name for name, _ in finetune.build_model(frozen_cfg, {"num_classes": 12}).named_parameters()]
+    encoder = [name for name in names if name.startswith(("tokenizer_3d.", "encoder_pos.", "encoder."))]
+    assert encoder and all(torch.equal(trained[name], initial[name]) for name in encoder)
+    assert not torch.equal(trained["head.0.weight"], initial["head.0.weight"])
+
+
+def test_trunc_normal_head_replaces_the_default_init_of_a_new_head(tmp_path):
+    import pretrain
+    cfg = tiny(tmp_path, "scan_objectnn")
+    pretrain_cfg = pretrain.parse_config(pretrain.Config, ["--preset", "tiny", "--no-use_2d", "--masking", "random"])
+    torch.save({"model": pretrain.KRMAE(pretrain_cfg).state_dict(), "config": dataclasses.asdict(pretrain_cfg)},
+               tmp_path / "pretrained.pth")
+    loaded = finetune.build_model(dataclasses.replace(cfg, checkpoint=str(tmp_path / "pretrained.pth"),
+                                                      trunc_normal_head=True), {"num_classes": 15})
+    assert torch.count_nonzero(loaded.head[0].bias) == 0 and loaded.head[0].weight.std() < 0.03
+    state = pretrain.load_checkpoint(str(tmp_path / "pretrained.pth"))["model"]
+    assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, state["encoder.blocks.0.attn.qkv.weight"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import i2p_mae
 from kat import KATransformer
+from masking import gather_tokens
 from tokenizer import CenterEmbedding, PointTokenizer
 
 TINY_TOWER = dict(width=64, layers=2, heads=2, patch_size=16)
@@ -239,6 +240,42 @@ def test_masking_entropy_is_one_for_uniform_and_the_hand_value_for_a_peak(tiny_m
 
 
 # ---------------------------------------------------------------- the model
+def test_each_head_reads_the_right_tokens_and_targets():
+    """The two branches' inputs: the saliency is taken at the tokenizer's centres; the encoder reads the visible
+    groups; the decoder [encoded ; mask tokens] at [visible ; masked] centres; rec_head_3d reads the decoder's MASKED
+    rows against the masked groups, rec_head_2d its VISIBLE rows against the 2-D target at the visible centres. At
+    mask ratio 0.5 (Gv = Gm = 8) swapping the rows or the centres runs without a shape error: only this test sees it."""
+    torch.manual_seed(0)
+    model = i2p_mae.I2PMAE(**{**TINY, "mask_ratio": 0.5}).train()
+    seen = {}
+    for name in ("tokenizer_3d", "encoder", "decoder", "reconstruction_head", "semantic_head"):
+        getattr(model, name).register_forward_hook(
+            lambda module, args, output, name=name: seen.__setitem__(name, (args, output)))
+    for name in ("spatial_saliency", "semantic_target"):
+        method = getattr(model, name)
+        setattr(model, name, lambda *args, method=method, name=name: seen.setdefault(name, (args, method(*args)))[1])
+    out = model(random_cloud(batch_size=2, num_points=256, seed=8))
+    visible, masked = out["visible_index"], out["masked_index"]  # (B, Gv), (B, Gm)
+    assert visible.shape[1] == masked.shape[1] == 8  # shapes cannot tell the two sets apart
+    tokens, centers, neighborhoods = seen["tokenizer_3d"][1]
+    assert torch.equal(seen["spatial_saliency"][0][3], centers) and torch.equal(out["saliency"],
+                                                                                seen["spatial_saliency"][1])
+    visible_centers, masked_centers = gather_tokens(centers, visible), gather_tokens(centers, masked)
+    (encoder_input, encoder_pos), encoded = seen["encoder"]
+    assert torch.equal(encoder_input, gather_tokens(tokens, visible))
+    assert torch.equal(encoder_pos, model.encoder_pos(visible_centers))
+    (decoder_input, decoder_pos), decoded = seen["decoder"]
+    assert torch.equal(decoder_input, torch.cat([encoded, model.mask_token.expand(2, 8, -1)], dim=1))
+    assert torch.equal(decoder_pos, model.decoder_pos(torch.cat([visible_centers, masked_centers], dim=1)))
+    assert torch.equal(seen["reconstruction_head"][0][0], decoded[:, 8:])  # masked rows, after the visible ones
+    assert torch.equal(seen["semantic_head"][0][0], decoded[:, :8])  # visible rows
+    assert torch.equal(seen["semantic_target"][0][3], visible_centers)  # the 2-D target of the visible tokens
+    predicted_2d = seen["semantic_head"][1].reshape(seen["semantic_target"][1].shape)
+    assert torch.equal(out["loss_2d"], F.mse_loss(predicted_2d, seen["semantic_target"][1]))
+    target_3d = gather_tokens(neighborhoods, masked).flatten(0, 1)  # (B * Gm, K, 3)
+    assert torch.equal(out["loss_rec"], i2p_mae.chamfer_distance(out["predicted"].flatten(0, 1), target_3d).mean())
+
+
 def test_gradients_reach_every_trained_part_and_never_the_teacher():
     torch.manual_seed(7)
     model = i2p_mae.I2PMAE(**TINY).train()

@@ -7,6 +7,7 @@ import torch
 
 import joint_mae
 from kat import KATransformer
+from masking import gather_tokens
 from render import pixels_to_patches
 from tokenizer import CenterEmbedding, PointTokenizer
 
@@ -205,6 +206,77 @@ def test_fine_tuning_contract_names_and_shapes():
     ours = {name: value.shape for name, value in model.state_dict().items() if name.startswith(prefixes)}
     assert ours == {name: value.shape for name, value in reference.state_dict().items()}
     assert isinstance(model.tokenizer_3d, PointTokenizer) and isinstance(model.encoder, KATransformer)
+
+
+# ---------------------------------------------------------------- Eq. (4) and (6): which tokens each part reads
+def test_each_specific_decoder_reads_its_own_modality():
+    """Eq. (4): D'_3D = SpeDec_3D(D_3D, E^v_3D), D'_2D = SpeDec_2D(D_2D, E^v_2D). The queries of each modal-specific
+    decoder are its modality's masked rows of the shared decoder's output, its keys / values its modality's rows of
+    the encoder output, and each reconstruction head reads its own decoder. Here Gv = P2v = 4 and Gm = P2m = 12, so a
+    swap of the two contexts (or of the query rows) runs without a shape error: only this test sees it."""
+    model = tiny_model().eval()
+    seen = {}
+    for name in ("encoder", "shared_decoder", "specific_decoder_3d", "specific_decoder_2d"):
+        getattr(model, name).register_forward_hook(
+            lambda module, args, output, name=name: seen.__setitem__(name, (args, output)))
+    out = model(random_clouds())
+    visible, masked = out["visible_index"].shape[1], out["masked_index"].shape[1]
+    visible_2d = out["visible_index_2d"].shape[1]
+    assert (visible, masked) == (visible_2d, out["masked_index_2d"].shape[1]) == (4, 12)  # shapes cannot tell
+    encoded, decoded = seen["encoder"][1], seen["shared_decoder"][1]  # (B, Gv + P2v, D), (B, G + P2, D)
+    length = visible + visible_2d
+    (queries_3d, pos_3d, context_3d), output_3d = seen["specific_decoder_3d"]
+    (queries_2d, pos_2d, context_2d), output_2d = seen["specific_decoder_2d"]
+    assert torch.equal(context_3d, encoded[:, :visible])  # E^v_3D: the 3-D rows of [3-D; 2-D]
+    assert torch.equal(context_2d, encoded[:, visible:])  # E^v_2D
+    assert torch.equal(queries_3d, decoded[:, length:length + masked])  # D_3D, masked rows (after [E^v_3D; E^v_2D])
+    assert torch.equal(queries_2d, decoded[:, length + masked:])  # D_2D, masked rows
+    masked_centers = gather_tokens(out["centers"], out["masked_index"])  # (B, Gm, 3)
+    assert torch.equal(pos_3d, model.decoder_pos(masked_centers))
+    assert torch.equal(pos_2d, model.decoder_pos_2d[0, out["masked_index_2d"]])
+    assert torch.equal(out["predicted"], model.reconstruction_head(output_3d).reshape(out["predicted"].shape))
+    assert torch.equal(out["predicted_2d"], model.reconstruction_head_2d(output_2d).reshape(out["predicted_2d"].shape))
+
+
+def slow_cross_reconstruction(model, predicted, centers, neighborhoods, visible_index, masked_index, origin, radius,
+                              azimuth, elevation):
+    """Eq. (6) one shape and one view at a time: the visible ground-truth groups plus the predicted masked groups
+    (both back in the cloud's frame) against all ground-truth groups, each projected by Eq. (1)."""
+    errors = []
+    for b in range(predicted.shape[0]):
+        visible = neighborhoods[b, visible_index[b]] + centers[b, visible_index[b], None]  # (Gv, K, 3)
+        masked = predicted[b] + centers[b, masked_index[b], None]  # (Gm, K, 3)
+        reconstruction = torch.cat([visible, masked]).reshape(1, -1, 3)  # (1, G*K, 3)
+        truth = (neighborhoods[b] + centers[b, :, None]).reshape(1, -1, 3)  # (1, G*K, 3)
+        for view in range(model.cross_views):
+            rotation = joint_mae.view_rotation(azimuth[b] + 2 * math.pi * view / model.cross_views,
+                                               elevation[b]).view(1, 1, 3, 3)
+            images = [joint_mae.perspective_depth(joint_mae.camera_frame(cloud, origin[b:b + 1], radius[b:b + 1],
+                                                                         rotation)[0, 0], model.image_size)
+                      for cloud in (reconstruction, truth)]  # 2 x (H, W)
+            errors.append((images[0] - images[1]).pow(2).mean())
+    return torch.stack(errors).mean()  # every image has H x W pixels: the mean over all of them
+
+
+def test_cross_reconstruction_projects_visible_and_predicted_groups_together():
+    """Eq. (6) as implemented (its NOTE(deviation)): Project(visible ground-truth groups + predicted masked groups)
+    against Project(all ground-truth groups). A perfect prediction scores 0, which a loss projecting the predicted
+    groups alone cannot (the visible groups' pixels would be missing); any prediction matches the slow loop."""
+    model = tiny_model(cross_views=4)
+    points = random_clouds()
+    _, centers, neighborhoods = model.tokenizer_3d(points)  # (B, G, 3), (B, G, K, 3)
+    generator = torch.Generator().manual_seed(3)
+    order = torch.stack([torch.randperm(16, generator=generator) for _ in range(2)])  # (B, G)
+    visible_index, masked_index = order[:, :4], order[:, 4:]  # (B, Gv), (B, Gm)
+    origin, radius = joint_mae.unit_sphere_frame(points)
+    azimuth, elevation = torch.tensor([0.3, 2.0]), torch.tensor([0.1, -0.2])
+    arguments = (centers, neighborhoods, visible_index, masked_index, origin, radius, azimuth, elevation)
+    perfect = gather_tokens(neighborhoods, masked_index)  # (B, Gm, K, 3)
+    assert model.cross_reconstruction_loss(perfect, *arguments) < 1e-10  # sums in another order: rounding only
+    predicted = perfect + 0.05 * torch.randn(perfect.shape, generator=generator)
+    loss = model.cross_reconstruction_loss(predicted, *arguments)
+    expected = slow_cross_reconstruction(model, predicted, *arguments)
+    assert loss > 1e-4 and torch.allclose(loss, expected, rtol=1e-5, atol=1e-9)
 
 
 # ---------------------------------------------------------------- a tiny end-to-end run
