@@ -19,8 +19,8 @@ Measured on the device it runs on (CPU or CUDA), in one process, after warm-up, 
      at the same points gives the same. A stage called more than once in a step adds up; the rows come from the one
      step whose time is the median, so they add up to it;
   4. throughput of rendering (clouds x views / s), FPS, KNN and the Chamfer loss at the configuration's sizes;
-  5. with --profile, one step under torch.profiler: the top 25 ops and kernels by device time (CPU time on the CPU)
-     and a Chrome trace (open it in chrome://tracing or ui.perfetto.dev).
+  5. with --profile, one step under torch.profiler: the top 25 ops and kernels by device time (CPU time on the CPU),
+     printed and in the JSON ("profile"), and a Chrome trace (open it in chrome://tracing or ui.perfetto.dev).
 
 Run:  python bench.py                       (paper sizes: batch 128, 1024 points, ViT-B/16-sized tower, 10 views)
       python bench.py --profile             (also a profile of one step; trace in runs/bench/bench_trace.json)
@@ -30,6 +30,9 @@ Run:  python bench.py                       (paper sizes: batch 128, 1024 points
       python bench.py --method joint_mae --matched   (also the step of a peer method, here at matched settings)
       python bench.py --batch_size 16 --out runs/bench/bench_cpu.json
       python bench.py --operations_only --batch_size 32 --threads 2   (rendering etc. alone, e.g. on a CPU)
+      python bench.py --only point_mae      (one of the two steps; the other row is null)
+      python bench.py --suite --out DIR     (speed_suite.py: a smoke of every CUDA path, then this bench in each
+                                             mode and a profile, each part under its own time limit)
 The CLIP weights are not needed: a randomly initialised tower of the same size costs the same time.
 On a CPU shared with other work, use --threads 1 or start with OMP_WAIT_POLICY=PASSIVE: with OpenMP's default
 busy-waiting, loops of small ops on 2 cores collapse under load (seconds per call instead of milliseconds). Both
@@ -43,6 +46,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -256,7 +260,7 @@ def stage_shares(cfg, device, use_bf16, repeats):
 def profile_step(cfg, device, use_bf16, trace_path, row_limit=25):
     """--profile: one KR-MAE step, after the warm-up steps, under torch.profiler (CPU and, on CUDA, CUDA activity).
     Writes a Chrome trace to trace_path and returns the table of the top ops and kernels by self device time on CUDA,
-    by self CPU time on the CPU."""
+    by self CPU time on the CPU, and the same rows for the JSON: {"sorted_by", "top": [{name, calls, self_ms}]}."""
     _, step_model, optimizer = build(cfg, device, use_bf16)
     points = torch.randn(cfg.batch_size, cfg.num_points, 3, device=device)
     for _ in range(WARMUP["calls"]):
@@ -271,7 +275,10 @@ def profile_step(cfg, device, use_bf16, trace_path, row_limit=25):
     os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
     profiler.export_chrome_trace(trace_path)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    averages = profiler.key_averages()
+    rows = [{"name": event.key, "calls": event.count, "self_ms": getattr(event, sort_by) / 1e3}  # microseconds
+            for event in sorted(averages, key=lambda event: getattr(event, sort_by), reverse=True)[:row_limit]]
+    return averages.table(sort_by=sort_by, row_limit=row_limit), {"sorted_by": sort_by, "top": rows}
 
 
 def render_with_3d_ops(renderer, points):
@@ -394,11 +401,17 @@ def parse_args(argv=None):
     parser.add_argument("--method", default="", help="comma-separated pretrain.py methods whose step is also "
                                                      "measured, e.g. joint_mae (each at its paper settings)")
     parser.add_argument("--matched", action="store_true", help="the --method steps at matched settings")
+    parser.add_argument("--only", default="", choices=["", "kr_mae", "point_mae"],
+                        help="measure only this one of the two steps (the other row is null); default both")
     parser.add_argument("--out", default="runs/bench/bench.json", help="the JSON result (runs/ is not versioned)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--suite" in argv:  # every CUDA path, then the step timed in each mode: speed_suite.py, its own flags
+        import speed_suite
+        return speed_suite.main([arg for arg in argv if arg != "--suite"])
     args = parse_args(argv)
 
     preset = ["--preset", args.preset] if args.preset else []
@@ -446,8 +459,11 @@ def main(argv=None):
         write_json(result, args.out)
         print(f"\nwrote {args.out}")
         return result
-    kr_mae = with_floor(throughput(cfg, device, use_bf16, args.repeats), peak_tflops)
-    point_mae_row = with_floor(throughput(point_mae, device, use_bf16, args.repeats), peak_tflops)
+    # --only: one of the two steps (a part of speed_suite.py, each under its own time limit); the other row is null
+    kr_mae = (with_floor(throughput(cfg, device, use_bf16, args.repeats), peak_tflops)
+              if args.only != "point_mae" else None)
+    point_mae_row = (with_floor(throughput(point_mae, device, use_bf16, args.repeats), peak_tflops)
+                     if args.only != "kr_mae" else None)
     method_rows = {}
     for method in methods:  # each with its own settings (paper or --matched), the same batch and device
         method_cfg = configuration(["--method", method] + (["--matched"] if args.matched else []))
@@ -461,27 +477,32 @@ def main(argv=None):
     if cfg.compile:  # the stage timers wrap the eager module's methods, which the compiled graph never calls
         stage_step_seconds, stages = None, None
         stages_note = "skipped: with --compile the step runs the compiled graph, not the methods the timers wrap"
+    elif kr_mae is None:
+        stage_step_seconds, stages = None, None
+        stages_note = "skipped: --only point_mae (the stage table is of the KR-MAE step)"
     else:
         stage_step_seconds, stages = stage_shares(cfg, device, use_bf16, args.repeats)
         stages_note = ("CUDA events on the stream, one synchronisation per step" if device.type == "cuda"
                        else "time.perf_counter, the CPU running ops synchronously")
-    trace_path, profile_table = None, None
+    trace_path, profile_table, profile_rows = None, None, None
     if args.profile:
         trace_path = os.path.splitext(args.out)[0] + "_trace.json"
-        profile_table = profile_step(cfg, device, use_bf16, trace_path)
+        profile_table, profile_rows = profile_step(cfg, device, use_bf16, trace_path)
 
     result = {"kr_mae": kr_mae, "point_mae": point_mae_row, "methods": method_rows,
               # the estimate of the whole floor (compute and compulsory memory traffic), paper configuration only
               "paper_floor_estimate": PAPER_FLOOR_ESTIMATE if at_paper_configuration(cfg) else None,
-              "kr_mae_over_point_mae_step_time": kr_mae["step_seconds"] / point_mae_row["step_seconds"],
+              "kr_mae_over_point_mae_step_time": (kr_mae["step_seconds"] / point_mae_row["step_seconds"]
+                                                  if kr_mae and point_mae_row else None),
               "compiled_fps_equals_eager": fps_check, "settings": settings, "config": dataclasses.asdict(cfg),
               "stages_timing": {"step_seconds": stage_step_seconds, "how": stages_note}, "stages": stages,
-              "operations": operations(cfg, device, args.repeats), "trace": trace_path}
+              "operations": operations(cfg, device, args.repeats), "trace": trace_path, "profile": profile_rows}
 
     # --- the table: shapes/s, peak memory and the fraction of the floor first ------------------------------------
     print(f"\n{'pre-training step':38s} {'shapes/s':>9s} {'peak GiB':>9s} {'% floor':>9s} {'ms/step':>9s} "
           f"{'TFLOP/step':>11s} {'floor ms':>9s}")
     rows = [("KR-MAE (full)", kr_mae), ("Point-MAE (no 2-D, random mask)", point_mae_row)]
+    rows = [(label, row) for label, row in rows if row is not None]  # --only: one of the two
     rows += [(f"--method {method} ({row['num_points']} points{', matched' if row['matched'] else ''})", row)
              for method, row in method_rows.items()]
     for label, row in rows:

@@ -339,7 +339,9 @@ def load_pretrained(model, path, cfg, whole_model=False):
         raise ValueError(f"Checkpoint {path!r} ({layout} layout) does not fit this model: encoder parameters missing "
                          f"from it {missing_encoder[:6]} (of {len(missing_encoder)}), unexpected in it "
                          f"{unexpected[:6]} (of {len(unexpected)}). Was it trained with another --depth?")
-    if head_fits:
+    if not head_names:  # --task svm: the encoder alone has no head, so a pre-training file fits it trivially
+        head_text = "alone (this model has no task head)"
+    elif head_fits:
         head_text = "and the task head it was fine-tuned with"
     elif len(head_missing) < len(head_names):
         mismatch = "; ".join((head_misfit or head_missing)[:2])
@@ -348,7 +350,7 @@ def load_pretrained(model, path, cfg, whole_model=False):
         head_text = f"only; new, trained from scratch: {sorted({name.split('.')[0] for name in missing})}"
     print(f"loaded {path} ({layout} layout): {len(loaded)} tensors, the 3-D path {head_text}; --num_heads "
           f"{cfg.num_heads} from the flags")
-    return head_fits
+    return head_fits and bool(head_names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,6 +490,14 @@ def resolve_data(cfg):
         raise ValueError(f"--data must be 'auto', 'real' or 'synthetic', got {cfg.data!r}.")
     if os.path.exists(root):
         return "real"
+    if cfg.eval_only:  # a fine-tuned --checkpoint (an official one: a real data set's classes or parts) is tested
+        # on the data it was fine-tuned for, never silently on the synthetic stand-ins
+        raise FileNotFoundError(f"--eval_only tests --checkpoint {cfg.checkpoint!r} on the test set of --task "
+                                f"{cfg.task}, but there is no data set at {root!r}, and the fallback to the built-in "
+                                f"synthetic shapes is refused here: a checkpoint fine-tuned on the real data set does "
+                                f"not fit their classes or parts. Pass --data_root (expected layout: "
+                                f"{DATA_LAYOUTS[cfg.task]}) or, for a checkpoint fine-tuned on the synthetic shapes, "
+                                f"--data synthetic.")
     if cfg.data_root:
         raise FileNotFoundError(f"--data_root {cfg.data_root!r} does not exist. Expected layout for --task {cfg.task}: "
                                 f"{DATA_LAYOUTS[cfg.task]} Leave --data_root out (or pass --data synthetic) to run on "
@@ -522,7 +532,8 @@ def build_datasets(cfg):
         train, test = (synthetic.SyntheticShapes(split, stored, size=size, seed=0, variant=variant)
                        for split, size in (("train", cfg.synthetic_train_size), ("test", cfg.synthetic_test_size)))
     elif cfg.task == "scan_objectnn":
-        train, test = (datasets.ScanObjectNN(root, cfg.variant, split) for split in ("train", "test"))
+        train, test = (datasets.ScanObjectNN(root, cfg.variant, split, num_points=cfg.num_points)
+                       for split in ("train", "test"))
     elif cfg.task == "partseg":
         train, test = (datasets.ShapeNetPart(root, split, cfg.num_points) for split in ("train", "test"))
     else:  # modelnet40 and svm

@@ -23,11 +23,21 @@ What maps to what (official -> here; inside every transformer block `mlp.fc1` ->
     propagation_0.mlp_convs.{0,1}.*, .mlp_bns.{0,1}.* -> propagation.{0,3}.*, propagation.{1,4}.*
     convs1, bns1, convs2, bns2, convs3           -> head.0, head.1, head.4, head.5, head.7
 
+The other way, `export_pretrain_state`: a pre-training checkpoint of this project -> the official pre-training
+layout (`base_model` with `MAE_encoder.*`, the decoder and `increase_dim`, the 1x1 convolution restored to
+(3K, D, 1)), so that Point-MAE's own code (its builder.load_model, strictly) reads what this project pre-trained.
+Only the parts Point-MAE's model has travel: the 2-D branch (renderer, CLIP tower, its projection), the view
+selector (RVS) and the masking policy (RM) have no place in it and are left out, by name. A checkpoint without
+Point-MAE's decoder (Joint-MAE's and CrossAlignNet's own decoders, a fine-tuned model) is refused.
+
 Pure functions on state dicts: this file imports no other module of ours. Counts the weights cannot tell (the
 number of attention heads) come from the caller's flags; shapes are checked by whoever loads the result.
 Demo: `python point_mae_checkpoints.py` builds a file in the official pre-training layout (random values) and
-prints what it maps to.
+prints what it maps to. Export: `python point_mae_checkpoints.py --export runs/pretrain/last.pth pretrain_pointmae.pth`.
 """
+import argparse
+import os
+import pickle
 import re
 
 import torch
@@ -124,11 +134,96 @@ def project_state(checkpoint, path):
     return layout, convert_state(state, layout), {}
 
 
-def official_pretrain_state(dim=384, depth=12, decoder_depth=4, group_size=32, prefix="", generator=None):
+# The parts of a pre-training model of this project that Point-MAE's pre-training model has (pretrain.py's
+# POINT_MAE_PREFIXES, the twin of this list): the 3-D encoder, the decoder and the reconstruction head.
+EXPORTED_PREFIXES = ("tokenizer_3d.", "encoder_pos.", "encoder.", "mask_token", "decoder_pos.", "decoder.",
+                     "reconstruction_head.")
+
+
+def official_key(ours):
+    """One key of ours -> its official pre-training key (the inverse of RENAMES[PRETRAIN]), or None."""
+    name = re.sub(r"(blocks\.\d+\.mlp\.)([02])\.", lambda m: f"{m[1]}fc{int(m[2]) // 2 + 1}.", ours)
+    for old, new in RENAMES[PRETRAIN]:
+        if name == new or name.startswith(new) and new.endswith("."):
+            return old + name[len(new):]
+    return None
+
+
+def export_pretrain_state(state, path="<state dict>"):
+    """A pre-training state dict of this project (our names) -> (the official pre-training state dict, the names of
+    the top-level parts left out). Every tensor of Point-MAE's pre-training model must be there with its official
+    shape (REFERENCE sec. 7, at the width, depths and group size the weights show); anything else is refused."""
+    if "reconstruction_head.weight" not in state or "encoder.norm.weight" not in state:
+        found = sorted({name.split(".")[0] for name in state})
+        raise ValueError(f"{path!r} is not a pre-training model of Point-MAE's shape: it lacks the 3-D encoder's "
+                         f"encoder.norm.weight or the reconstruction head's reconstruction_head.weight (its parts: "
+                         f"{found}). Export takes a last.pth of pretrain.py with --method kr_mae, point_mae or "
+                         f"i2p_mae.")
+    # NOTE(unspecified): the 2-D MLP fusion (kat.py, Table 6 row A) acts on 2-D tokens only; it is left out, as
+    # fine-tuning leaves it out.
+    kept = {name: value for name, value in state.items()
+            if name.startswith(EXPORTED_PREFIXES) and ".fusion_mlp." not in name}
+    left_out = sorted({name.split(".")[0] for name in state if name not in kept})
+    exported, unknown = {}, []
+    for name, value in kept.items():
+        official = official_key(name)
+        if official is None:
+            unknown.append(name)
+            continue
+        exported[official] = value[:, :, None] if name == "reconstruction_head.weight" else value  # (3K, D, 1)
+    dim = state["encoder.norm.weight"].shape[0]
+    depth, decoder_depth = (len({name.split(".")[2] for name in state if name.startswith(f"{part}.blocks.")})
+                            for part in ("encoder", "decoder"))
+    group_size = state["reconstruction_head.weight"].shape[0] // 3
+    expected = {name: value.shape for name, value in
+                official_pretrain_state(dim, depth, decoder_depth, group_size, meta=True).items()}
+    missing = sorted(set(expected) - set(exported))
+    extra = sorted(set(exported) - set(expected)) + unknown
+    misfit = [f"{name} {tuple(exported[name].shape)} here, {tuple(shape)} in Point-MAE's model"
+              for name, shape in expected.items() if name in exported and exported[name].shape != shape]
+    if missing or extra or misfit:
+        raise ValueError(f"{path!r} does not have the shape of Point-MAE's pre-training model (width {dim}, "
+                         f"{depth} encoder and {decoder_depth} decoder blocks, groups of {group_size}): "
+                         + "; ".join(text for text in (
+                             f"missing {missing[:4]} (of {len(missing)})" if missing else "",
+                             f"not in Point-MAE's model {extra[:4]} (of {len(extra)})" if extra else "",
+                             f"other shapes {misfit[:3]}" if misfit else "") if text)
+                         + ". Joint-MAE's and CrossAlignNet's decoders, and fine-tuned models, are not Point-MAE's.")
+    return {name: exported[name] for name in expected}, left_out  # the official order
+
+
+def export_file(source, target):
+    """--export: read `source` (a last.pth of pretrain.py) with torch's safe loader, write `target` in the official
+    pre-training layout: {"base_model": state, "epoch": ..., "metrics": {}} (Point-MAE's builder reads all three),
+    to a temporary file renamed into place. Returns the official state dict."""
+    if os.path.abspath(source) == os.path.abspath(target):
+        raise ValueError(f"--export would overwrite its source {source!r}; pass another output path.")
+    try:  # the safe loader: tensors, numbers, strings and containers only, so the file cannot run code
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]
+        raise ValueError(f"{source!r} holds more than tensors, numbers, strings and containers ({reason}); it was "
+                         f"not loaded. --export reads the last.pth files pretrain.py writes.") from None
+    layout, state, config = project_state(checkpoint, source)
+    if layout != OURS:
+        raise ValueError(f"{source!r} is already in the {layout} layout; --export converts this project's "
+                         f"pre-training checkpoints.")
+    exported, left_out = export_pretrain_state(state, source)
+    temporary = f"{target}.tmp"
+    torch.save({"base_model": exported, "epoch": checkpoint.get("epoch", -1), "metrics": {}}, temporary)
+    os.replace(temporary, target)
+    print(f"{source} (method {config.get('method', 'unknown')}): {len(exported)} tensors -> {target} (Point-MAE's "
+          f"pre-training layout); left out, no place in Point-MAE's model: {left_out or 'nothing'}")
+    return exported
+
+
+def official_pretrain_state(dim=384, depth=12, decoder_depth=4, group_size=32, prefix="", generator=None,
+                            meta=False):
     """A state dict in the official pre-training layout (the key names and shapes of REFERENCE sec. 7) filled
-    with random values: what the tests and the demo load. prefix="module." mimics a DataParallel save."""
+    with random values: what the tests and the demo load. prefix="module." mimics a DataParallel save.
+    meta=True: shapes only, no memory (tensors on the meta device), what export checks against."""
     def random(*shape):
-        return torch.randn(*shape, generator=generator)
+        return torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=generator)
 
     def block(name):
         return {f"{name}.norm1.weight": random(dim), f"{name}.norm1.bias": random(dim),
@@ -207,6 +302,13 @@ def official_finetuned_state(num_classes=40, part_seg=False, dim=384, depth=12, 
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Point-MAE's checkpoint layouts: a demo, or --export.")
+    parser.add_argument("--export", nargs=2, metavar=("LAST_PTH", "OUTPUT_PTH"),
+                        help="write a pre-training last.pth of this project in Point-MAE's pre-training layout")
+    arguments = parser.parse_args()
+    if arguments.export:
+        export_file(*arguments.export)
+        raise SystemExit(0)
     official = official_pretrain_state(prefix="module.", generator=torch.Generator().manual_seed(0))
     layout, ours, _ = project_state({"base_model": official, "epoch": 299}, "<built in memory>")
     print(f"official pre-training file: {len(official)} tensors, recognised as {layout!r}")

@@ -180,6 +180,30 @@ def test_profile_writes_a_chrome_trace(tmp_path, monkeypatch, capsys):
     names = {event.get("name") for event in trace["traceEvents"]}
     assert "aten::mm" in names or "aten::addmm" in names  # the step's own ops, from the profiled step
     assert "Self CPU" in capsys.readouterr().out  # the table of the top ops
+    # The same top rows in the JSON: by self CPU time on the CPU, longest first, each op of the trace.
+    profile = json.loads((tmp_path / "bench.json").read_text())["profile"]
+    top = profile["top"]
+    assert profile["sorted_by"] == "self_cpu_time_total" and len(top) == 25
+    assert [row["self_ms"] for row in top] == sorted((row["self_ms"] for row in top), reverse=True)
+    assert top[0]["self_ms"] > 0 and all(row["calls"] >= 1 and row["name"] in names for row in top)
+
+
+def test_only_measures_one_of_the_two_steps(tmp_path, monkeypatch):
+    steps = []  # the use_2d and masking of each step measured
+    monkeypatch.setattr(bench, "throughput", lambda cfg, *args: steps.append((cfg.use_2d, cfg.masking)) or
+                        fixed_throughput()(cfg, *args))
+    monkeypatch.setattr(bench, "stage_shares", lambda *args: (_ for _ in ()).throw(AssertionError("KR-MAE's stages")))
+    monkeypatch.setattr(bench, "operations", lambda *args: {})
+    result = bench.main(["--preset", "tiny", "--device", "cpu", "--only", "point_mae", "--out",
+                         str(tmp_path / "bench.json")])
+    assert steps == [(False, "random")] and result["kr_mae"] is None  # Point-MAE's step alone
+    assert result["point_mae"]["shapes_per_second"] == 2.0 and result["kr_mae_over_point_mae_step_time"] is None
+    assert result["stages"] is None and "--only point_mae" in result["stages_timing"]["how"]
+    monkeypatch.setattr(bench, "stage_shares", lambda *args: (0.5, {}))
+    steps.clear()
+    result = bench.main(["--preset", "tiny", "--device", "cpu", "--only", "kr_mae", "--out",
+                         str(tmp_path / "bench.json")])
+    assert steps == [(True, "reinforced")] and result["point_mae"] is None and result["stages"] == {}
 
 
 def test_the_compiled_fps_check_compares_centres_and_reports_a_difference(monkeypatch):

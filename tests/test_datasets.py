@@ -140,6 +140,58 @@ def test_batched_fps_matches_the_numpy_reference_with_padding():
     assert sorted(everything.tolist()) == list(range(12))
 
 
+def dense_farthest_point_sample(points, num_samples, num_valid=None):
+    """The dense batched FPS the block version replaces: every step updates all B x N distances."""
+    batch_size, num_points, _ = points.shape
+    planes = points.to(torch.float32).permute(2, 0, 1).contiguous()  # (3, B, N)
+    nearest_distance = torch.full((batch_size, num_points), float("inf"))
+    if num_valid is not None:
+        nearest_distance.masked_fill_(torch.arange(num_points)[None, :] >= num_valid[:, None], float("-inf"))
+    selected = torch.empty(batch_size, num_samples, dtype=torch.long)
+    current = torch.zeros(batch_size, dtype=torch.long)
+    for step in range(num_samples):
+        selected[:, step] = current
+        current_point = planes.gather(2, current.view(1, batch_size, 1).expand(3, batch_size, 1))  # (3, B, 1)
+        distance = (planes[0] - current_point[0]).square_()
+        for axis in (1, 2):
+            term = planes[axis] - current_point[axis]
+            distance.addcmul_(term, term)
+        torch.minimum(nearest_distance, distance, out=nearest_distance)
+        nearest_distance.scatter_(1, current[:, None], -1.0)
+        current = nearest_distance.argmax(dim=1)
+    return selected
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 64])
+def test_block_fps_picks_exactly_what_the_dense_update_picks(block_size):
+    rng = np.random.default_rng(6)
+    counts = torch.tensor([300, 257, 64, 1, 300])
+    clouds = torch.zeros(5, 300, 3)  # (B, N, 3) padded
+    for row, count in enumerate(counts.tolist()):
+        clouds[row, :count] = torch.from_numpy(rng.normal(size=(count, 3)).astype(np.float32) * (row + 1))
+    clouds[4, 200:] = clouds[4, :100]  # duplicate points
+    # A 5 x 5 x 5 grid: many exactly equal distances, so ties between and within blocks decide.
+    grid = torch.stack(torch.meshgrid(*[torch.arange(5.0)] * 3, indexing="ij"), -1).reshape(1, 125, 3)
+    for points, valid, samples in ((clouds, counts, 300), (grid, None, 125)):
+        expected = dense_farthest_point_sample(points, samples, valid)
+        found = datasets.farthest_point_sample_batched(points, samples, valid, block_size=block_size)
+        for row in range(points.shape[0]):
+            kept = samples if valid is None else int(valid[row])  # past its count a shape repeats chosen points
+            assert torch.equal(found[row, :kept], expected[row, :kept]), (block_size, row)
+
+
+def test_block_fps_picks_exactly_what_the_dense_update_picks_on_the_real_shapes():
+    source = FIXTURES / "modelnet40_normal_resampled"
+    if not source.is_dir():
+        pytest.skip(f"the real ModelNet40 fixture is not at {source}")
+    ids = (source / "modelnet40_train.txt").read_text().split()
+    tables = [datasets._read_text_table(source / shape_id.rsplit("_", 1)[0] / f"{shape_id}.txt", 6) for shape_id in ids]
+    points = torch.from_numpy(np.stack([table[:, :3] for table in tables]))  # (3, 10000, 3)
+    # All 8192 samples of the cache: the block FPS and the dense update choose the same points at every step.
+    assert torch.equal(datasets.farthest_point_sample_batched(points, 8192),
+                       dense_farthest_point_sample(points, 8192))
+
+
 def test_batched_fps_takes_every_point_once_even_with_duplicates():
     cloud = np.random.default_rng(5).normal(size=(10, 3)).astype(np.float32)
     cloud = np.concatenate([cloud, cloud[:4]])  # (14, 3): points 10..13 duplicate points 0..3
@@ -301,6 +353,7 @@ def test_modelnet40_cache_write_is_atomic(tmp_path, monkeypatch, capsys, failure
     final = root / "modelnet40_train_8192pts_fps.dat"
     reference = datasets.ModelNet40(root, "train", num_points=16)  # built and saved normally, then removed
     final.unlink()
+    final.with_name(final.name + ".json").unlink()  # and its record
 
     def replace_fails(source, destination):
         # At the last moment before the rename, the complete pickle exists only under a temporary name beside it.
@@ -337,8 +390,13 @@ def test_modelnet40_dat_cache_is_used_and_all_its_points_returned(tmp_path):
     labels = [np.array([label], dtype=np.int32) for label in (5, 39, 0)]
     with open(root / "modelnet40_train_8192pts_fps.dat", "wb") as handle:
         pickle.dump([cached, labels], handle)
+    # A cache without a record of its sources (as Point-MAE writes it) and a list of another count: refused.
+    with pytest.raises(ValueError, match=r"modelnet40_train_8192pts_fps\.dat holds 3 shapes, but .*"
+                                         r"modelnet40_train\.txt lists 2"):
+        datasets.ModelNet40(root, "train", num_points=32)
+    (root / "modelnet40_train.txt").unlink()  # the cache alone: used as it is, saying what cannot be checked
     dataset = datasets.ModelNet40(root, "train", num_points=32)
-    assert len(dataset) == 3  # the cache wins over the txt lists (2 shapes)
+    assert len(dataset) == 3
     points, label = dataset[1]
     assert int(label) == 39 and points.shape == (100, 3) and dataset.points_per_sample == 100
     np.testing.assert_allclose(points.numpy(), datasets.normalize_unit_sphere(cached[1][:, :3].astype(np.float64)),

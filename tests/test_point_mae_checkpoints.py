@@ -269,3 +269,93 @@ def test_fps_skipping_points_at_the_origin_matches_the_slow_kernel_and_reaches_t
     assert pretrain.KRMAE(cfg).tokenizer_3d.skip_near_origin
     fine_cfg = finetune.build_config(["--preset", "tiny", "--fps_skip_near_origin"])
     assert finetune.PointEncoder(**finetune.backbone_arguments(fine_cfg)).tokenizer_3d.skip_near_origin
+
+
+# ---------------------------------------------------------------- --export: our pre-training -> the official layout
+
+def save_ours(tmp_path, flags, name="last.pth"):
+    """A pre-training checkpoint as pretrain.py writes it (random weights, a BatchNorm's statistics moved)."""
+    torch.manual_seed(7)
+    cfg = pretrain.build_config(flags)
+    model = pretrain.build_model(cfg)
+    state = model.state_dict()
+    for key in state:
+        if key.endswith("running_mean"):
+            state[key] += torch.randn(state[key].shape)  # not the fresh zeros: every tensor must travel
+    path = str(tmp_path / name)
+    pretrain.save_checkpoint(path, {"model": state, "config": dataclasses.asdict(cfg), "epoch": 4})
+    return path, state
+
+
+def test_export_round_trips_and_has_exactly_the_official_pre_training_keys(tmp_path, capsys):
+    path, state = save_ours(tmp_path, ["--preset", "tiny"])  # KR-MAE: 2-D branch, RVS and RM as well
+    exported = pmc.export_file(path, str(tmp_path / "pretrain_pointmae.pth"))
+    assert "left out, no place in Point-MAE's model: ['masking', 'selector', 'tokenizer_2d']" in capsys.readouterr().out
+    written = torch.load(tmp_path / "pretrain_pointmae.pth", weights_only=True)
+    assert written["epoch"] == 4 and written["metrics"] == {}
+    reference = pmc.official_pretrain_state(decoder_depth=2, group_size=16, **TINY)  # REFERENCE sec. 7's layout
+    assert list(written["base_model"]) == list(reference) == list(exported)
+    assert all(written["base_model"][name].shape == value.shape for name, value in reference.items())
+    assert written["base_model"]["increase_dim.0.weight"].shape == (48, 96, 1)  # the 1x1 convolution restored
+    # Back through the official-layout reader: every tensor equals the one exported, under its own name.
+    layout, back, _ = pmc.project_state(written, "exported")
+    assert layout == pmc.PRETRAIN
+    kept = {name for name in state if name.startswith(pretrain.POINT_MAE_PREFIXES)}
+    assert set(back) == kept
+    assert all(torch.equal(back[name], state[name]) for name in kept)
+    # The same names, written independently of the module's rules (official_name above).
+    assert_equals_official({name: state[name] for name in kept}, written["base_model"], official_name)
+
+
+def test_export_at_paper_size_gives_the_209_tensors_of_the_official_file():
+    state = pretrain.KRMAE(pretrain.build_config(["--method", "point_mae"])).state_dict()
+    written = pmc.export_pretrain_state(state)[0]
+    official = pmc.official_pretrain_state(meta=True)  # REFERENCE sec. 7 at paper size
+    assert len(written) == 209 and list(written) == list(official)
+    assert all(written[name].shape == value.shape for name, value in official.items())
+
+
+def test_export_refuses_models_without_point_mae_s_decoder(tmp_path):
+    for method, message in (("joint_mae", r"does not have the shape of Point-MAE's pre-training model .*missing "
+                                          r"\['MAE_decoder.norm.bias', 'MAE_decoder.norm.weight', 'mask_token'\]"),
+                            ("crossalignnet", r"lacks the 3-D encoder's encoder.norm.weight or the reconstruction "
+                                              r"head's reconstruction_head.weight")):
+        path, _ = save_ours(tmp_path, ["--method", method, "--preset", "tiny"], f"{method}.pth")
+        with pytest.raises(ValueError, match=message):
+            pmc.export_file(path, str(tmp_path / "out.pth"))
+    classifier = finetune.Classifier(12, **finetune.backbone_arguments(finetune.build_config(["--preset", "tiny"])))
+    path = str(tmp_path / "finetuned.pth")
+    pretrain.save_checkpoint(path, {"model": classifier.state_dict(), "config": {}})
+    with pytest.raises(ValueError, match="lacks the 3-D encoder's encoder.norm.weight or the reconstruction head"):
+        pmc.export_file(path, str(tmp_path / "out.pth"))
+    official = str(tmp_path / "official.pth")
+    torch.save({"base_model": pmc.official_pretrain_state(decoder_depth=2, group_size=16, **TINY)}, official)
+    with pytest.raises(ValueError, match="is already in the Point-MAE pre-training layout"):
+        pmc.export_file(official, str(tmp_path / "out.pth"))
+    with pytest.raises(ValueError, match=r"holds more than tensors.*numpy.*it was not loaded"):
+        pmc.export_file(save_official(tmp_path, {"x": torch.zeros(1)}, name="numpy.pth"), str(tmp_path / "out.pth"))
+    assert not (tmp_path / "out.pth").exists()
+
+
+# ---------------------------------------------------------------- what load_pretrained and --eval_only say
+
+def test_svm_encoder_from_a_pre_training_file_is_not_said_to_load_a_task_head(tmp_path, capsys):
+    path, _ = save_ours(tmp_path, ["--preset", "tiny"])
+    cfg = finetune.build_config(["--preset", "tiny", "--task", "svm"])
+    model = finetune.PointEncoder(**finetune.backbone_arguments(cfg))  # what run_svm builds: no head
+    assert finetune.load_pretrained(model, path, cfg) is False
+    out = capsys.readouterr().out
+    assert "the 3-D path alone (this model has no task head)" in out and "fine-tuned with" not in out
+
+
+def test_eval_only_of_an_official_part_segmenter_without_shapenetpart_refuses_the_synthetic_fallback(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    path = save_official(tmp_path, pmc.official_finetuned_state(50, part_seg=True, **TINY), "model_state_dict",
+                         name="part_seg.pth")
+    cfg = finetune.build_config(["--preset", "tiny", "--task", "partseg", "--eval_only", "--checkpoint", path])
+    with pytest.raises(FileNotFoundError, match=r"--eval_only tests --checkpoint .*part_seg.pth.* no data set at "
+                                                r"'data/shapenetcore_partanno_segmentation_benchmark_v0_normal', and "
+                                                r"the fallback to the built-in synthetic shapes is refused"):
+        finetune.main(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part_seg.pth"]  # nothing run, nothing written
