@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import checkpoints
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Shared helpers
@@ -249,9 +251,10 @@ def _write_pickle_atomically(content, path):
     Raises OSError when the folder is not writable or the disk is full.
     """
     path = Path(path)
-    # A name no other writer uses (process id and clock), opened exclusively; unlike tempfile.mkstemp (mode 0600)
-    # the file gets the permissions of the user's umask, like any file the user writes.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    # A name no other writer uses (host, process id, a random token: checkpoints.temporary_path), opened exclusively;
+    # unlike tempfile.mkstemp (mode 0600) the file gets the permissions of the user's umask, like any file the user
+    # writes.
+    temporary = Path(checkpoints.temporary_path(path))
     handle = open(temporary, "xb")  # OSError here (read-only folder): nothing was created, nothing to remove
     try:
         with handle:
@@ -696,23 +699,34 @@ class ModelNet40(Dataset):
         self.record_path.write_text(json.dumps(record))
 
     def _build_cache(self, ids, paths, labels, fps_device):
-        """Decode and FPS-order every txt file once, then try to save Point-MAE's cache next to the data."""
-        print(f"ModelNet40 {self.split}: building {self.cache_path} from {len(paths)} txt files "
-              f"(once; later runs read the cache)...", flush=True)
-        start = time.perf_counter()
-        record = self._record(ids, paths)
-        content = build_modelnet40_fps_cache(paths, labels, device=fps_device, title=f"ModelNet40 {self.split}")
-        elapsed = time.perf_counter() - start
-        try:
-            _write_pickle_atomically(content, self.cache_path)
-            self._write_record(record)
-            print(f"ModelNet40 {self.split}: wrote {self.cache_path} in {elapsed:.1f} s "
-                  f"({1000 * elapsed / max(len(paths), 1):.0f} ms per shape).", flush=True)
-        except OSError as error:
-            # A read-only dataset folder: keep the arrays in memory for this run; the next run builds them again.
-            print(f"ModelNet40 {self.split}: the cache {self.cache_path} could not be written ({error}); using the "
-                  f"{len(paths)} shapes FPS-ordered in memory ({elapsed:.1f} s), rebuilt on every run.", flush=True)
-        return content
+        """Decode and FPS-order every txt file once, then try to save Point-MAE's cache next to the data, with the
+        record of what it was built from. One process builds a cache at a time, holding '<cache>.lock' beside it
+        (checkpoints.folder_lock): another one that needs the same cache waits for it, then reads the finished
+        cache; a temporary file of a killed build is removed before the next build writes."""
+        with checkpoints.folder_lock(f"{self.cache_path}.lock", f"ModelNet40 {self.split} cache", wait=True,
+                                     optional=True):  # optional: a read-only folder builds in memory, unlocked
+            if self.cache_path.is_file():  # written (with its record) by the process this one waited for?
+                cached_points, cached_labels = self._load_cache()
+                if self._check_cache((ids, paths, labels), cached_labels) is None:
+                    return cached_points, cached_labels
+            checkpoints.remove_stale_temporaries(self.cache_path)
+            print(f"ModelNet40 {self.split}: building {self.cache_path} from {len(paths)} txt files "
+                  f"(once; later runs read the cache)...", flush=True)
+            start = time.perf_counter()
+            record = self._record(ids, paths)
+            content = build_modelnet40_fps_cache(paths, labels, device=fps_device, title=f"ModelNet40 {self.split}")
+            elapsed = time.perf_counter() - start
+            try:
+                _write_pickle_atomically(content, self.cache_path)
+                self._write_record(record)
+                print(f"ModelNet40 {self.split}: wrote {self.cache_path} in {elapsed:.1f} s "
+                      f"({1000 * elapsed / max(len(paths), 1):.0f} ms per shape).", flush=True)
+            except OSError as error:
+                # A read-only dataset folder: keep the arrays in memory for this run; the next run builds them again.
+                print(f"ModelNet40 {self.split}: the cache {self.cache_path} could not be written ({error}); using "
+                      f"the {len(paths)} shapes FPS-ordered in memory ({elapsed:.1f} s), rebuilt on every run.",
+                      flush=True)
+            return content
 
     def _load_cache(self):
         """Point-MAE's cache: a pickle of [list of (M, 6) point arrays, list of (1,) label arrays]."""

@@ -62,9 +62,10 @@ import synthetic
 from kat import KATransformer
 from distributed import (rank_batches, seed_rank_generators, start_processes, stop_processes, summed_over_ranks,
                          sync_batchnorm)
-from checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
+from checkpoints import (LOCK_NAME, append_log, check_fits, check_log, folder_lock, load_checkpoint, load_resumable,
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state, truncate_log)
 from pretrain import (ENCODER_PREFIXES, encoder_state_dict, epoch_order, learning_rate, make_optimizer, parse_config,
-                      schedule_and_size_checks)
+                      range_checks, schedule_and_size_checks)
 from tokenizer import CenterEmbedding, PointTokenizer, farthest_point_sample, gather_points
 
 TASKS = ("scan_objectnn", "modelnet40", "fewshot", "partseg", "svm")
@@ -694,10 +695,11 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     random.seed(cfg.seed)
     checkpoint_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     name = f"[{task_label(cfg)} seed {cfg.seed}" + (f" fold {cfg.fold}]" if cfg.task == "fewshot" else "]")
-    if is_main and os.path.exists(f"{checkpoint_path}.tmp"):
-        os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
+    if is_main:
+        remove_stale_temporaries(checkpoint_path)  # left by a kill during a checkpoint write; last.pth itself is whole
     resuming = cfg.resume and os.path.isfile(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path) if resuming else None
+    checkpoint = load_resumable(checkpoint_path, "finetune.py", [field.name for field in dataclasses.fields(Config)]
+                                ) if resuming else None
     if resuming:
         check_same_run(checkpoint["config"], cfg, checkpoint_path)
 
@@ -731,6 +733,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch, best, metrics = 0, {}, {}
     if resuming:
+        check_fits(model.state_dict(), checkpoint["model"], checkpoint_path, {}, "Was it written by another version?")
         model.load_state_dict(checkpoint["model"])  # the un-wrapped model's names, whatever the world size
         optimizer.load_state_dict(checkpoint["optimizer"])
         if world_size == 1:  # several ranks re-derive their generators at every epoch start (below)
@@ -743,6 +746,8 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
     train_model = (DistributedDataParallel(model, static_graph=True,
                                            device_ids=[device.index] if device.type == "cuda" else None)
                    if world_size > 1 else model)
+    if is_main:
+        check_log(log_path, start_epoch)  # a broken log is found now, not after an epoch
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -833,8 +838,7 @@ def run_finetune(cfg, device, run_dir, rank=0, world_size=1):
               f"train {record['train_accuracy']:.2f}% | {test_text} | {record['seconds']} s")
         if epoch == start_epoch:  # as pretrain.py: an earlier run's log is replaced only once this run has an epoch
             truncate_log(log_path, start_epoch)
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_log(log_path, record)
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "config": dataclasses.asdict(cfg), "epoch": epoch,
                                           "step": (epoch + 1) * steps_per_epoch, "rng": snapshot, "best": best,
@@ -892,6 +896,35 @@ def check_same_run(saved, cfg, path):
                          f"--out_dir.")
 
 
+# The numeric settings' allowed values (check_config, pretrain.range_checks): name, test of (value, cfg), the allowed
+# values in words. The shared schedule (epochs, warm-up, batch, groups, learning rates) is schedule_and_size_checks'.
+RANGES = [
+    ("num_points", lambda value, cfg: value >= 1, "at least 1"),
+    ("synthetic_train_size", lambda value, cfg: value >= 1, "at least 1"),
+    ("synthetic_test_size", lambda value, cfg: value >= 1, "at least 1"),
+    ("fold", lambda value, cfg: 0 <= value <= 9, "a few-shot episode 0..9 (Point-BERT's 10 folds)"),
+    ("folds", lambda value, cfg: value in ("", "all") or all(0 <= fold <= 9 for fold in parse_list(value, "folds")),
+     "'all' or comma-separated episodes in 0..9"),
+    ("seeds", lambda value, cfg: not value or all(0 <= seed < 2 ** 32 for seed in parse_list(value, "seeds")),
+     "comma-separated seeds in [0, 2^32)"),
+    ("queries", lambda value, cfg: value >= 1, "at least 1"),
+    ("dim", lambda value, cfg: value >= 1, "at least 1"),
+    ("depth", lambda value, cfg: value >= 1, "at least 1"),
+    ("num_heads", lambda value, cfg: value >= 1 and cfg.dim % value == 0, "a divisor of --dim ({cfg.dim})"),
+    ("drop_path", lambda value, cfg: 0 <= value < 1, "a probability in [0, 1)"),
+    ("min_lr", lambda value, cfg: value <= cfg.lr, "at most --lr ({cfg.lr})"),
+    ("weight_decay", lambda value, cfg: value >= 0, "0 or more"),
+    ("grad_clip", lambda value, cfg: value > 0, "positive (the gradient norm is clipped to it at every step)"),
+    ("vote_passes", lambda value, cfg: value >= 1, "at least 1"),
+    ("fewshot_head_classes", lambda value, cfg: cfg.task != "fewshot" or value >= cfg.way,
+     "at least --way ({cfg.way}): the head's classes hold the episode's"),
+    ("probe_shots", lambda value, cfg: value >= 1, "at least 1"),
+    ("probe_draws", lambda value, cfg: value >= 1, "at least 1"),
+    ("seed", lambda value, cfg: 0 <= value < 2 ** 32, "in [0, 2^32) (numpy's seeds)"),
+    ("num_workers", lambda value, cfg: value >= 0, "0 or more"),
+]
+
+
 def check_config(cfg):
     """Refuse, before any work, every setting that would fail late or quietly do something else than asked.
     Raises ValueError naming the flag and its value."""
@@ -912,7 +945,7 @@ def check_config(cfg):
                                                  "(it already only evaluates --checkpoint)."),
         (not cfg.eval_only or not cfg.resume, "--eval_only trains nothing, so there is nothing to --resume."),
         (not cfg.eval_only or cfg.vote_passes >= 1, f"--vote_passes must be at least 1, got {cfg.vote_passes}."),
-    ] + schedule_and_size_checks(cfg)  # epochs, warm-up, batch, groups vs points, learning rates (pretrain.py)
+    ] + schedule_and_size_checks(cfg) + range_checks(cfg, RANGES)  # schedule, groups vs points, every number
     for passed, message in checks:
         if not passed:
             raise ValueError(message)
@@ -940,47 +973,49 @@ def main(cfg):
     label_dir = os.path.join(cfg.out_dir, task_label(cfg) + ("_eval" if cfg.eval_only else ""))
     runs = [(seed, fold, os.path.join(label_dir, f"seed{seed}" + (f"_fold{fold}" if cfg.task == "fewshot" else "")))
             for seed in seeds for fold in folds]
-    taken = [os.path.join(run_dir, "last.pth") for _, _, run_dir in runs
-             if os.path.isfile(os.path.join(run_dir, "last.pth"))]
-    if taken and not cfg.resume and not cfg.overwrite and not cfg.eval_only:
-        raise FileExistsError(f"{taken[0]!r} holds an earlier run ({len(taken)} of the {len(runs)} runs of this "
-                              f"command have one); a fresh run would replace its checkpoint and log. Pass --resume to "
-                              f"continue (finished runs are read back), --overwrite to replace them, or another "
-                              f"--out_dir.")
-    if is_main:
-        print(f"task {task_label(cfg)}, data {cfg.data} ({cfg.data_root or DATA_ROOTS[cfg.task]}), device {device}, "
-              f"bf16 {cfg.amp and device.type == 'cuda'}, {cfg.num_points} points -> {cfg.num_groups} groups of "
-              f"{cfg.group_size}, seeds {seeds}" + (f", folds {folds}" if cfg.task == "fewshot" else "")
-              + f", checkpoint {cfg.checkpoint or 'none (from scratch)'}, output {label_dir}")
-
-    # --- every run, then mean +- std over them ------------------------------------------------------------------
-    results = []
-    for seed, fold, run_dir in runs:
+    # The label folder (summary.json and every run folder of this command) is held by one command at a time.
+    with folder_lock(os.path.join(label_dir, LOCK_NAME), f"run folder {label_dir!r}", enabled=is_main):
+        taken = [os.path.join(run_dir, "last.pth") for _, _, run_dir in runs
+                 if os.path.isfile(os.path.join(run_dir, "last.pth"))]
+        if taken and not cfg.resume and not cfg.overwrite and not cfg.eval_only:
+            raise FileExistsError(f"{taken[0]!r} holds an earlier run ({len(taken)} of the {len(runs)} runs of "
+                                  f"this command have one); a fresh run would replace its checkpoint and log. Pass "
+                                  f"--resume to continue (finished runs are read back), --overwrite to replace them, "
+                                  f"or another --out_dir.")
         if is_main:
-            os.makedirs(run_dir, exist_ok=True)
-        run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
-        if cfg.eval_only:
-            results.append(run_eval(run_cfg, device, run_dir))
-        elif cfg.task == "svm":
-            results.append(run_svm(run_cfg, device, run_dir))
-        else:
-            results.append(run_finetune(run_cfg, device, run_dir, rank, world_size))
-    if not is_main:
-        return None  # rank 0 reports
-    metrics = [key for key in results[0] if key not in ("seed", "fold", "best_epoch")
-               and isinstance(results[0][key], float)]
-    summary = {"task": task_label(cfg), "checkpoint": cfg.checkpoint, "eval_only": cfg.eval_only, "runs": results,
-               "num_runs": len(results)}
-    for key in metrics:
-        values = torch.tensor([result[key] for result in results], dtype=torch.float64)
-        # NOTE(unspecified): sample standard deviation (n - 1) over seeds / folds; 0 for a single run.
-        std = values.std().item() if len(values) > 1 else 0.0
-        summary[key] = {"mean": values.mean().item(), "std": std}
-        unit = "" if key.endswith("_C") else " %"
-        print(f"{task_label(cfg)} {key}: {values.mean().item():.4g} +- {std:.2g}{unit} over {len(values)} run(s)")
-    with open(os.path.join(label_dir, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
-    return summary
+            print(f"task {task_label(cfg)}, data {cfg.data} ({cfg.data_root or DATA_ROOTS[cfg.task]}), device "
+                  f"{device}, bf16 {cfg.amp and device.type == 'cuda'}, {cfg.num_points} points -> {cfg.num_groups} "
+                  f"groups of {cfg.group_size}, seeds {seeds}" + (f", folds {folds}" if cfg.task == "fewshot" else "")
+                  + f", checkpoint {cfg.checkpoint or 'none (from scratch)'}, output {label_dir}")
+
+        # --- every run, then mean +- std over them ------------------------------------------------------------------
+        results = []
+        for seed, fold, run_dir in runs:
+            if is_main:
+                os.makedirs(run_dir, exist_ok=True)
+            run_cfg = dataclasses.replace(cfg, seed=seed, fold=fold)
+            if cfg.eval_only:
+                results.append(run_eval(run_cfg, device, run_dir))
+            elif cfg.task == "svm":
+                results.append(run_svm(run_cfg, device, run_dir))
+            else:
+                results.append(run_finetune(run_cfg, device, run_dir, rank, world_size))
+        if not is_main:
+            return None  # rank 0 reports
+        metrics = [key for key in results[0] if key not in ("seed", "fold", "best_epoch")
+                   and isinstance(results[0][key], float)]
+        summary = {"task": task_label(cfg), "checkpoint": cfg.checkpoint, "eval_only": cfg.eval_only, "runs": results,
+                   "num_runs": len(results)}
+        for key in metrics:
+            values = torch.tensor([result[key] for result in results], dtype=torch.float64)
+            # NOTE(unspecified): sample standard deviation (n - 1) over seeds / folds; 0 for a single run.
+            std = values.std().item() if len(values) > 1 else 0.0
+            summary[key] = {"mean": values.mean().item(), "std": std}
+            unit = "" if key.endswith("_C") else " %"
+            print(f"{task_label(cfg)} {key}: {values.mean().item():.4g} +- {std:.2g}{unit} over {len(values)} run(s)")
+        with open(os.path.join(label_dir, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=1)
+        return summary
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ import datasets
 import linear_probe
 import point_mae_checkpoints
 import synthetic
-from checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_log
+from checkpoints import (LOCK_NAME, append_log, check_fits, check_log, folder_lock, load_checkpoint, load_resumable,
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state, truncate_log)
 from crossalignnet import CrossAlignNet
 import distributed
 from distributed import (OnlyTheLossBackward, rank_batches, seed_rank_generators, start_processes, summed_over_ranks,
@@ -223,7 +224,10 @@ def parse_config(config_class, argv=None, presets=PRESETS):
     resume = getattr(known, "resume", "")
     if isinstance(resume, str) and resume:
         # Continue with the run's own settings, so `--resume path` alone is enough; explicit flags still win.
-        saved = load_checkpoint(resume)["config"]
+        explicit = {arg.split("=")[0][2:].removeprefix("no-") for arg in (sys.argv[1:] if argv is None else argv)
+                    if arg.startswith("--")}  # the settings given on the command line
+        saved = load_resumable(resume, "pretrain.py", [field.name for field in dataclasses.fields(config_class)],
+                               explicit)["config"]
         parser.set_defaults(**{name: value for name, value in saved.items() if name not in ("resume", "overwrite")})
         # The run continues in the checkpoint's folder, not in the out_dir its config recorded: a copied or moved
         # run folder then never writes into the original. An explicit --out_dir still wins.
@@ -604,13 +608,75 @@ def schedule_and_size_checks(cfg):
     ]
 
 
+def range_checks(cfg, ranges):
+    """(passed, message) pairs: every float setting is finite (NaN fails every comparison, inf is no rate or weight),
+    and every setting of `ranges` (name, allowed(value, cfg), the allowed values in words: a text formatted with
+    cfg, or a function of cfg) lies in its range."""
+    checks = [(math.isfinite(getattr(cfg, field.name)), f"--{field.name} must be a finite number, got "
+                                                        f"{getattr(cfg, field.name)}.")
+              for field in dataclasses.fields(cfg) if field.type in (float, "float")]
+    for name, allowed, text in ranges:
+        value = getattr(cfg, name)
+        passed = bool(allowed(value, cfg))
+        words = "" if passed else text(cfg) if callable(text) else text.format(cfg=cfg)
+        checks.append((passed, f"--{name} must be {words}, got {value!r}."))
+    return checks
+
+
+def image_patch_size(cfg):
+    """The patch side --image_size must be a multiple of: CLIP's tower (KR-MAE's 2-D branch, I2P-MAE's teacher): 16
+    for a random tower (random_tower_spec), the number after the '/' of a ViT name ('ViT-B/16' -> 16, 'ViT-L/14' ->
+    14), 1 for a local file (the tower checks it itself); CrossAlignNet: 16; 1 for Joint-MAE (its own check, with
+    --joint_patch_size) and for a method without images."""
+    if cfg.method == "crossalignnet":
+        return 16  # crossalignnet.py's patch_size
+    if not (cfg.method == "i2p_mae" or cfg.method == "kr_mae" and cfg.use_2d):
+        return 1
+    if cfg.clip_random_tower:
+        return 16
+    name = cfg.clip_model.rsplit("/", 1)[-1].split("@")[0]  # 'ViT-L/14@336px' -> '14'
+    return int(name) if "/" in cfg.clip_model and name.isdigit() else 1
+
+
+# The numeric settings' allowed values (check_config): name, test of (value, cfg), the allowed values in words.
+# The settings of the shared schedule (epochs, warm-up, batch, groups, learning rates) are in schedule_and_size_checks.
+RANGES = [
+    ("num_points", lambda value, cfg: value >= 1, "at least 1"),
+    ("synthetic_size", lambda value, cfg: value >= 1, "at least 1"),
+    ("num_views", lambda value, cfg: value >= 1, "at least 1"),
+    ("image_size", lambda value, cfg: value >= 16 and value % image_patch_size(cfg) == 0,
+     lambda cfg: f"at least 16 and a multiple of the image patch size ({image_patch_size(cfg)})"),
+    ("masking_heads", lambda value, cfg: value >= 1 and cfg.dim % value == 0, "a divisor of --dim ({cfg.dim})"),
+    ("policy_weight", lambda value, cfg: value >= 0, "0 or more"),
+    ("dim", lambda value, cfg: value >= 1, "at least 1"),
+    ("depth", lambda value, cfg: value >= 1, "at least 1"),
+    ("num_heads", lambda value, cfg: value >= 1 and cfg.dim % value == 0, "a divisor of --dim ({cfg.dim})"),
+    ("decoder_depth", lambda value, cfg: value >= 1, "at least 1"),
+    ("decoder_heads", lambda value, cfg: value >= 1 and cfg.dim % value == 0, "a divisor of --dim ({cfg.dim})"),
+    ("drop_path", lambda value, cfg: 0 <= value < 1, "a probability in [0, 1)"),
+    ("weight_decay", lambda value, cfg: value >= 0, "0 or more"),
+    ("grad_clip", lambda value, cfg: value >= 0, "0 (no clipping) or more"),
+    ("min_lr", lambda value, cfg: value <= cfg.lr, "at most --lr ({cfg.lr})"),
+    ("joint_weight_3d", lambda value, cfg: value >= 0, "0 or more"),
+    ("joint_weight_2d", lambda value, cfg: value >= 0, "0 or more"),
+    ("joint_weight_cross", lambda value, cfg: value >= 0, "0 or more"),
+    ("i2p_weight_2d", lambda value, cfg: value >= 0, "0 or more"),
+    ("cal_image_depth", lambda value, cfg: value >= 1, "at least 1"),
+    ("cal_gsa_depth", lambda value, cfg: value >= 1, "at least 1"),
+    ("seed", lambda value, cfg: 0 <= value < 2 ** 32, "in [0, 2^32) (numpy's seeds)"),
+    ("num_workers", lambda value, cfg: value >= 0, "0 or more"),
+    ("picture_every", lambda value, cfg: value >= 0, "0 (never) or more"),
+    ("svm_every", lambda value, cfg: value >= 0, "0 (never) or more"),
+]
+
+
 def check_config(cfg):
     """Refuse, before any work, every setting that would fail late or quietly do something else than asked (k = 0
     views fused nothing; k > v used v; --epochs 0 wrote nothing). Raises ValueError naming the flag and its value
     (FileNotFoundError for a --data_root that does not exist)."""
     ratio_valid = 0 <= cfg.mask_ratio < 1
     num_masked = int(cfg.mask_ratio * cfg.num_groups) if ratio_valid else 0  # masking.num_visible's count
-    checks = schedule_and_size_checks(cfg) + [
+    checks = schedule_and_size_checks(cfg) + range_checks(cfg, RANGES) + [
         (ratio_valid, f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}."),
         (1 <= num_masked < cfg.num_groups,
          f"--mask_ratio {cfg.mask_ratio} masks {num_masked} of the {cfg.num_groups} groups (--num_groups); at least "
@@ -700,10 +766,16 @@ def synthetic_probes(model, cfg, device, use_bf16, train_size=512, test_size=256
 
 
 def main(cfg):
-    # --- setup: settings, processes, output folder, device, precision, seeds ----------------------------------------
+    """Check the settings, start the processes, then train holding the run folder's lock (rank 0 holds it)."""
     check_config(cfg)
     # One process: (0, 1, the --device). Under torchrun: this process's rank, the number of processes, its GPU.
     rank, world_size, device = start_processes(cfg)
+    with folder_lock(os.path.join(cfg.out_dir, LOCK_NAME), f"run folder {cfg.out_dir!r}", enabled=rank == 0):
+        return train(cfg, rank, world_size, device)
+
+
+def train(cfg, rank, world_size, device):
+    # --- setup: output folder, device, precision, seeds -------------------------------------------------------------
     is_main = rank == 0  # rank 0 alone prints, and writes the log, the pictures and the checkpoint
     checkpoint_path = os.path.join(cfg.out_dir, "last.pth")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -713,8 +785,7 @@ def main(cfg):
                               f"replace it, or another --out_dir.")
     if is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if os.path.exists(f"{checkpoint_path}.tmp"):
-            os.remove(f"{checkpoint_path}.tmp")  # left by a kill during a checkpoint write; last.pth itself is whole
+        remove_stale_temporaries(checkpoint_path)  # left by a kill during a checkpoint write; last.pth itself is whole
     use_bf16 = cfg.amp and device.type == "cuda"  # bf16 needs no loss scaler
     torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
     np.random.seed(cfg.seed)
@@ -754,14 +825,16 @@ def main(cfg):
     # --- resume ---------------------------------------------------------------------------------------------------
     start_epoch = 0
     if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
+        checkpoint = load_resumable(cfg.resume, "pretrain.py")
+        changed = {name: (value, getattr(cfg, name)) for name, value in checkpoint["config"].items()
+                   if name not in ("resume", "progress", "overwrite") and getattr(cfg, name, None) != value}
+        check_fits(trainable_state(model), checkpoint["model"], cfg.resume, changed, "A resumed run continues the "
+                   f"model it saved: leave those flags out, or start a new run from its weights with --init_from.")
         load_trainable_state(model, checkpoint["model"])  # the un-wrapped model's names, whatever the world size
         optimizer.load_state_dict(checkpoint["optimizer"])
         if world_size == 1:  # several ranks re-derive their generators at every epoch start (below)
             set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
-        changed = {name: (value, getattr(cfg, name)) for name, value in checkpoint["config"].items()
-                   if name not in ("resume", "progress", "overwrite") and getattr(cfg, name, None) != value}
         if is_main:
             print(f"resumed from {cfg.resume} at epoch {start_epoch}"
                   + (f"; settings changed since: {changed}" if changed else ""))
@@ -776,6 +849,8 @@ def main(cfg):
                                            device_ids=[device.index] if device.type == "cuda" else None)
                    if world_size > 1 else model)
     train_model = compile_model(train_model, cfg)  # --compile: after DDP, which then splits the graph at its buckets
+    if is_main:
+        check_log(log_path, start_epoch)  # a broken log is found now, not after an epoch
 
     # --- the loop -------------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -862,8 +937,7 @@ def main(cfg):
             # (fresh run, --overwrite) or the lines of the epochs a resumed run redoes (a kill between a log line and
             # its checkpoint). Until here the earlier run's log and last.pth are untouched.
             truncate_log(log_path, start_epoch)
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_log(log_path, record)
         save_checkpoint(checkpoint_path, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                                           "config": dataclasses.asdict(cfg), "epoch": epoch,
                                           "step": (epoch + 1) * steps_per_epoch, "rng": snapshot})
