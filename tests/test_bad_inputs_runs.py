@@ -548,3 +548,21 @@ def test_kill_9_during_a_fine_tuning_checkpoint_write_then_resume_equals_an_unin
         assert all(torch.equal(a[key], b[key]) for key in a)
     assert straight["best"] == resumed["best"] and epochs_in(run / "log.jsonl") == [0, 1]
     assert sorted(path.name for path in run.iterdir()) == ["last.pth", "log.jsonl"]
+
+
+def test_a_full_disk_during_the_log_write_names_the_log(tmp_path, monkeypatch):
+    log = str(tmp_path / "log.jsonl")
+    checkpoints.append_log(log, {"epoch": 0})
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):  # appending to the log: the disk is full
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", full_disk, raising=False)
+    with pytest.raises(OSError) as error:
+        checkpoints.append_log(log, {"epoch": 1})
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC and repr(log) in str(error.value) and "resume" in str(error.value)
+    assert epochs_in(log) == [0]
