@@ -432,8 +432,9 @@ def bench_features(train_size=9843, test_size=2468, num_classes=40, width=384, s
     + a class centre and within-class noise in 32 directions of decaying scale (the first one 4, then 0.8^j)
     + isotropic noise 0.05. Class sizes are drawn from log-normal weights (ModelNet40's train classes hold
     64-889 shapes). NOTE(unspecified): the constants are chosen so that the training features have a mean pairwise
-    cosine of about 0.87 and a participation ratio of about 1.8 (the issue's measured 0.84-0.90 and "1.4-1.9
-    effective dimensions"), and so that the classes overlap (CV SVM about 85-90 %), as real features do."""
+    cosine of about 0.87 and a participation ratio of about 1.8 (the 0.84-0.90 and 1.4-1.9 measured on
+    this project's tiny-preset encoders, docs/PROBES.md), and so that the classes overlap (CV SVM about 85-90 %),
+    as real features do."""
     rng = np.random.default_rng(seed)
     weights = np.exp(rng.normal(0.0, 0.8, num_classes))  # (K,) class frequencies
     train_y = np.sort(rng.choice(num_classes, train_size, p=weights / weights.sum()))  # (M,)
