@@ -167,7 +167,7 @@ def test_svm_task_reports_every_probe_and_the_cv_probe_is_far_above_the_majority
     run = summary["runs"][0]
     assert run["majority_share"] == pytest.approx(100 / 12)
     # A randomly initialised encoder's features already separate the synthetic classes well; a probe that
-    # under-fits (the old one: about 50 % here) or predicts one class (8.3 %) fails this.
+    # under-fits (C = 0.01 on unit-norm features: about 50 % here) or predicts one class (8.3 %) fails this.
     assert run["cv_svm_accuracy"] > 80.0 and run["cv_svm_train_accuracy"] > 90.0
     assert run["cv_svm_C"] in [float(c) for c in __import__("linear_probe").C_GRID]
     log = json.loads(open(tmp_path / "svm_synthetic" / "seed0" / "log.jsonl").read())

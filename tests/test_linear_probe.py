@@ -72,7 +72,7 @@ def test_cross_validated_probe_separates_unit_norm_clusters_and_reports_its_refi
 
 
 def test_fixed_literature_C_on_unit_norm_features_predicts_one_class_but_cv_probe_does_not():
-    # Slightly imbalanced training classes (30 vs 24), a balanced test split: the old probe's situation.
+    # Slightly imbalanced training classes (30 vs 24), a balanced test split: where a fixed C on unit-norm features fails.
     train_x, train_y, test_x, test_y = unit_clusters([30, 24, 24, 24, 24], [20] * 5)
     unit_predictions = SVC(C=0.01, kernel="linear").fit(train_x, train_y).predict(test_x)
     assert np.unique(unit_predictions).tolist() == [LABELS[0]]  # the majority class only
