@@ -37,7 +37,8 @@ recognised shows in the second). Printed output and the JSON lead with the scale
 Why C needs a scale. Multiply every feature by s: w' = w / s gives the same margins with |w'|^2 = |w|^2 / s^2, so
 the problem with C on s*x is the problem with C * s^2 on x. C = 0.01 was tuned on raw pooled features (norm about
 15); on L2-normalised features (norm 1) the same C acts like 0.01 / 225 on the raw ones: about 200 times more
-regularisation. Such a probe under-fits (about 50 % TRAIN accuracy on the synthetic shapes, tests/test_finetune_recipe.py) and on slightly imbalanced classes predicts the majority class only. Hence the literature
+regularisation. Such a probe under-fits (about 50 % TRAIN accuracy on the synthetic shapes,
+tests/test_finetune_recipe.py) and on slightly imbalanced classes predicts the majority class only. Hence the literature
 protocol keeps the raw scale, and our own protocols normalise and choose C by cross-validation (scale-free).
 
 Shapes: M samples, F feature width, B batch, N points, G tokens (groups), D width, K classes.
