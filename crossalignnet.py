@@ -1,6 +1,7 @@
 """CrossAlignNet (Wang et al., PeerJ Computer Science 2025), re-implemented on the Point-MAE backbone; its equations
-were lost in our copy of the paper and are rebuilt from its prose (PEERS.md sec. 4.2, the paper's "Mask alignment
-strategy", "Encoders" and "Self-supervised tasks"; the 3-D encoder is this codebase's, so fine-tuning is unchanged).
+are missing from the copy of the paper at hand and are rebuilt from its prose (PEERS.md sec. 4.2, the paper's "Mask
+alignment strategy", "Encoders" and "Self-supervised tasks"; the 3-D encoder is this codebase's, so fine-tuning is the
+same as for every method).
 
 One random view of each shape is rendered as a depth image; every 3-D patch centre is projected into it. The 3-D
 patches are masked at random and the image patches by the 3-D mask (mask alignment). Two tasks train the encoders:

@@ -521,7 +521,8 @@ def main(cfg):
             # NOTE(unspecified): sample standard deviation (n - 1) over seeds / folds; 0 for a single run.
             std = values.std().item() if len(values) > 1 else 0.0
             summary[key] = {"mean": values.mean().item(), "std": std}
-            unit = "" if key.endswith("_C") else " %"
+            unitless = key.endswith("_C") or key in ("effective_rank", "participation_ratio", "mean_cosine")
+            unit = "" if unitless else " %"
             print(f"{task_label(cfg)} {key}: {values.mean().item():.4g} +- {std:.2g}{unit} over {len(values)} run(s)")
         with open(os.path.join(label_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=1)

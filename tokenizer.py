@@ -290,7 +290,7 @@ def cast_frozen_tower(visual, dtype):
     Conv and Linear (conv1, the blocks' mlp.c_fc, mlp.c_proj and attn.out_proj), the attention's packed in_proj_weight
     and in_proj_bias, and the output matrix `proj`; also the blocks' LayerNorms (see the NOTE below). ln_pre,
     ln_post, class_embedding and positional_embedding stay float32. The tower then runs in `dtype` (run_tower, run_tower_with_attention follow conv1's dtype), and bf16
-    autocast no longer re-casts the frozen weights at every call (autocast caches only casts of weights that
+    autocast does not re-cast the frozen weights at every call (autocast caches only casts of weights that
     require grad). The training script calls this once, when it turns bf16 autocast on.
     NOTE(unspecified): the papers do not say in which precision the frozen tower runs; under bf16 autocast we store
     its matrices in bf16 (CLIP's recipe, which CLIP applies in float16; bf16 keeps float32's range), which gives

@@ -4,7 +4,7 @@ model in float32 on the CPU, and its checkpoint is the eager model's (no `_orig_
 One test, because compiling is slow here (about 90 s for this small model on 2 cores with a cold cache). It also
 guards against a known failure: torch 2.13's CPU backend miscompiled the farthest point sampling loop when it wrote
 its picks into a tensor in place (wrong centres from the second pick on, for 32 groups or more; torch 2.14.1 compiles
-that form correctly too); FPS now collects its picks in a list. The model here has 32 groups, so such a failure
+that form correctly too); FPS collects its picks in a list. The model here has 32 groups, so such a failure
 would show as different losses: the comparison is tight enough that different masks (compiled code drawing its own
 random numbers) fail it.
 """

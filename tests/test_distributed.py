@@ -61,7 +61,7 @@ def config(out_dir, *flags):
 
 def same_mask_for_every_shape(batch_size, num_groups, mask_ratio, device=None, generator=None):
     """kr_mae.random_masking's stand-in: the mask that a generator seeded with 0 draws for one shape, for every
-    shape of every step, so the masks no longer depend on the random stream nor on how the batch is split."""
+    shape of every step, so the masks depend neither on the random stream nor on how the batch is split."""
     visible, masked = random_masking(1, num_groups, mask_ratio, device, torch.Generator().manual_seed(0))
     return visible.expand(batch_size, -1), masked.expand(batch_size, -1)  # (B, Gv), (B, Gm)
 

@@ -379,7 +379,7 @@ def test_the_loss_is_read_every_log_every_steps_and_the_log_holds_the_same_mean_
 
     def recorded(*args, **kwargs):
         loss = cross_entropy(*args, **kwargs)
-        losses.append(loss.item())  # float32 -> the Python float the loop used to add up
+        losses.append(loss.item())  # float32 -> a Python float, the per-step sum the device sum must equal
         return loss
 
     def counted(sums, world_size):

@@ -164,10 +164,15 @@ def test_svm_task_reports_every_probe_and_the_cv_probe_is_far_above_the_majority
     text = capsys.readouterr().out
     for name in ("literature", "cross-validated", "1-NN", "few-shot", "majority"):
         assert name in text, name
+    # Every stage of --task svm says when it starts and how long it took, in plain lines.
+    for stage in ("feature extraction", "cross-validated SVM", "1-NN cosine", "few-shot", "literature SVC"):
+        assert f"probe: {stage}" in text and any(line.startswith(f"probe: {stage}") and " took " in line
+                                                 for line in text.splitlines()), stage
+    assert "ms per shape" in text
     run = summary["runs"][0]
     assert run["majority_share"] == pytest.approx(100 / 12)
     # A randomly initialised encoder's features already separate the synthetic classes well; a probe that
-    # under-fits (the old one: about 50 % here) or predicts one class (8.3 %) fails this.
+    # under-fits (C = 0.01 on unit-norm features: about 50 % here) or predicts one class (8.3 %) fails this.
     assert run["cv_svm_accuracy"] > 80.0 and run["cv_svm_train_accuracy"] > 90.0
     assert run["cv_svm_C"] in [float(c) for c in __import__("linear_probe").C_GRID]
     log = json.loads(open(tmp_path / "svm_synthetic" / "seed0" / "log.jsonl").read())

@@ -72,7 +72,7 @@ def test_cross_validated_probe_separates_unit_norm_clusters_and_reports_its_refi
 
 
 def test_fixed_literature_C_on_unit_norm_features_predicts_one_class_but_cv_probe_does_not():
-    # Slightly imbalanced training classes (30 vs 24), a balanced test split: the old probe's situation.
+    # Slightly imbalanced training classes (30 vs 24), a balanced test split: where a fixed C on unit-norm features fails.
     train_x, train_y, test_x, test_y = unit_clusters([30, 24, 24, 24, 24], [20] * 5)
     unit_predictions = SVC(C=0.01, kernel="linear").fit(train_x, train_y).predict(test_x)
     assert np.unique(unit_predictions).tolist() == [LABELS[0]]  # the majority class only
@@ -278,12 +278,115 @@ def test_probe_all_reports_every_protocol_and_format_probes_names_them():
     assert result["cross_validated"] == linear_probe.cross_validated_svm(raw_max_mean, train_y, 15 * test_x, test_y)
     assert result["literature"] == linear_probe.literature_svm(raw_max, train_y, 15 * test_x[:, :16], test_y)
     assert result["nearest_neighbour"] == linear_probe.nearest_neighbour_accuracy(train_x, train_y, test_x, test_y)
+    neighbour = linear_probe.nearest_neighbour_probe(train_x, train_y, test_x, test_y)
+    assert result["nearest_neighbour_class_mean"] == neighbour["test_class_mean_accuracy"]
     assert (result["few_shot"]["shots"], result["few_shot"]["draws"]) == (3, 4)
+    assert result["feature_geometry"] == {"max_mean": linear_probe.feature_geometry(raw_max_mean),
+                                          "max": linear_probe.feature_geometry(raw_max)}
+    # The scale-free probes lead the JSON; the published protocol follows them; every stage is timed.
+    keys = list(result)
+    assert keys.index("cross_validated") < keys.index("nearest_neighbour") < keys.index("few_shot") \
+        < keys.index("literature") < keys.index("feature_geometry")
+    assert set(result["seconds"]) == {"cross_validated", "nearest_neighbour", "few_shot", "literature",
+                                      "feature_geometry"}
     assert json.loads(json.dumps(result)) == result  # plain Python values, ready for a log line
     text = linear_probe.format_probes(result)
     validated = result["cross_validated"]
     literature = result["literature"]
     for expected in ("literature", "cross-validated", "1-NN", "few-shot", f"C = {validated['C']:g} chosen",
                      f"train {validated['train_accuracy']:.1f} %", f"train {literature['train_accuracy']:.1f} %",
+                     f"{validated['test_class_mean_accuracy']:.1f} %", "published protocol", "C sweep",
+                     f"mean pairwise cosine {result['feature_geometry']['max_mean']['mean_cosine']:.3f}",
                      "40.0 %"):
-        assert expected in text
+        assert expected in text, expected
+    # The scale-free lines come before the published protocol's.
+    assert text.index("cross-validated") < text.index("1-NN") < text.index("few-shot") < text.index("literature ")
+
+
+def test_probe_all_verbose_prints_each_stage_with_its_time(capsys):
+    train_x, train_y, test_x, test_y = unit_clusters([12] * 3, [5] * 3)
+    linear_probe.probe_all(train_x[:, :8], train_x, train_y, test_x[:, :8], test_x, test_y, c_grid=(1.0,),
+                           shots=2, draws=2, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    for title in ("cross-validated SVM", "1-NN cosine", "few-shot", "literature SVC", "feature geometry"):
+        assert f"probe: {title}" in lines[[title in line for line in lines].index(True)], title
+        took = [line for line in lines if line.startswith(f"probe: {title}") and " took " in line]
+        assert len(took) == 1 and took[0].endswith(" s"), title
+
+
+# ---------------------------------------------------------------- feature geometry, class-mean accuracy, C sweep
+
+def test_feature_geometry_on_cases_with_known_answers():
+    # k orthogonal directions with equal spread: centred singular values are k equal values -> effective rank k,
+    # participation ratio k. Rows +-e_j (j < k) in R^8, each twice: the mean is 0.
+    for k in (1, 3, 5):
+        rows = np.concatenate([np.eye(8)[:k], -np.eye(8)[:k]])  # (2k, 8)
+        geometry = linear_probe.feature_geometry(np.concatenate([rows, rows]))
+        assert geometry["effective_rank"] == pytest.approx(k, abs=1e-9)
+        assert geometry["participation_ratio"] == pytest.approx(k, abs=1e-9)
+    # Singular values (3, 1): p = (3/4, 1/4), effective rank exp(H) = 4 / 3^(3/4) = 1.7548; participation ratio
+    # (9 + 1)^2 / (81 + 1) = 1.2195.
+    rows = np.array([[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) / np.sqrt(2)  # centred, s = (3, 1)
+    geometry = linear_probe.feature_geometry(rows)
+    assert geometry["effective_rank"] == pytest.approx(4 / 3 ** 0.75, rel=1e-9)
+    assert geometry["participation_ratio"] == pytest.approx(100 / 82, rel=1e-9)
+    # The centring is part of the definition: a shared offset changes neither measure.
+    shifted = linear_probe.feature_geometry(rows + np.array([50.0, -20.0]))
+    assert shifted["effective_rank"] == pytest.approx(geometry["effective_rank"], rel=1e-9)
+    # Mean pairwise cosine: orthogonal rows 0, equal directions 1, a row and its opposite -1, and a slow loop.
+    assert linear_probe.feature_geometry(np.eye(4))["mean_cosine"] == pytest.approx(0.0, abs=1e-12)
+    assert linear_probe.feature_geometry(np.array([[1.0, 2.0], [3.0, 6.0], [0.5, 1.0]]))["mean_cosine"] \
+        == pytest.approx(1.0)
+    assert linear_probe.feature_geometry(np.array([[1.0, 2.0], [-2.0, -4.0]]))["mean_cosine"] == pytest.approx(-1.0)
+    x = np.random.default_rng(3).normal(size=(9, 4)) + 1.0
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    slow = np.mean([unit[i] @ unit[j] for i in range(9) for j in range(9) if i != j])
+    assert linear_probe.feature_geometry(x)["mean_cosine"] == pytest.approx(slow, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 feature rows"):
+        linear_probe.feature_geometry(np.ones((1, 3)))
+
+
+def test_every_probe_reports_class_mean_accuracy_beside_accuracy():
+    # Class 4 around (1, 0), class 6 around (0, 1); of the 2 test shapes of class 6 one lies in class 4's region,
+    # so plain accuracy is 9 / 10 = 90 % and the class mean (100 + 50) / 2 = 75 % for every probe.
+    train_x = np.array([[1, 0.1], [1, -0.1], [1, 0], [0.1, 1], [-0.1, 1], [0, 1]] * 2)
+    train_y = np.array([4, 4, 4, 6, 6, 6] * 2)
+    test_x = np.array([[1, 0]] * 8 + [[0, 1], [1, 0]], dtype=float)
+    test_y = np.array([4] * 8 + [6, 6])
+    validated = linear_probe.cross_validated_svm(train_x, train_y, test_x, test_y, folds=2)
+    literature = linear_probe.literature_svm(15 * train_x, train_y, 15 * test_x, test_y)
+    neighbour = linear_probe.nearest_neighbour_probe(train_x, train_y, test_x, test_y)
+    few_shot = linear_probe.few_shot_probe(train_x, train_y, test_x, test_y, shots=2, draws=2)
+    for result in (validated, literature, neighbour):
+        assert (result["test_accuracy"], result["test_class_mean_accuracy"]) == (90.0, 75.0)
+    assert (few_shot["accuracy_mean"], few_shot["mean"]) == (90.0, 75.0)
+    assert validated["train_class_mean_accuracy"] == 100.0
+
+
+def test_literature_c_sweep_is_sklearn_svc_at_each_c_and_shows_when_c_binds():
+    # Unit-norm clusters: at that scale C = 0.01 predicts the majority class only, C = 0.1 and 1 do not.
+    train_x, train_y, test_x, test_y = unit_clusters([30, 24, 24, 24, 24], [20] * 5)
+    result = linear_probe.literature_svm(train_x, train_y, test_x, test_y)
+    assert [entry["C"] for entry in result["c_sweep"]] == [0.01, 0.1, 1.0]
+    for entry in result["c_sweep"]:
+        reference = SVC(C=entry["C"], kernel="linear").fit(train_x, train_y)
+        assert entry["test_accuracy"] == accuracy(reference.predict(test_x), test_y)
+        assert entry["train_accuracy"] == accuracy(reference.predict(train_x), train_y)
+    # The published column is the C = 0.01 entry of the sweep.
+    assert {key: result[key] for key in result["c_sweep"][0]} == result["c_sweep"][0]
+    accuracies = [entry["test_accuracy"] for entry in result["c_sweep"]]
+    assert accuracies[0] == 20.0 and accuracies[-1] == 100.0  # here C binds: the sweep makes it visible
+
+
+# ---------------------------------------------------------------- the benchmark's features
+
+def test_bench_features_have_the_geometry_of_real_encoder_features():
+    train_max, train_max_mean, train_y, test_max, test_max_mean, test_y = linear_probe.bench_features(
+        train_size=2000, test_size=500)
+    assert train_max_mean.shape == (2000, 768) and test_max_mean.shape == (500, 768)
+    assert np.array_equal(train_max, train_max_mean[:, :384]) and np.array_equal(test_max, test_max_mean[:, :384])
+    assert len(np.unique(train_y)) == 40
+    geometry = linear_probe.feature_geometry(train_max_mean)
+    # The tiny-preset encoders' real features (docs/PROBES.md): mean pairwise cosine 0.84-0.90, 1.4-1.9 effective dimensions.
+    assert 0.84 <= geometry["mean_cosine"] <= 0.90
+    assert 1.4 <= geometry["participation_ratio"] <= 1.9

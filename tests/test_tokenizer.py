@@ -252,7 +252,7 @@ def test_point_tokenizer_rejects_non_finite_points_and_keeps_its_batchnorm_stati
     points[1, 5, 2], points[1, 9, 0] = bad, -bad
     statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
     with pytest.raises(ValueError, match=r"found 2 NaN or infinite values in points of shape \(2, 64, 3\)"):
-        model(points)  # before: NaN tokens for the whole batch, and NaN running statistics for good
+        model(points)  # unchecked, NaN tokens for the whole batch, and NaN running statistics for good
     assert all(torch.equal(statistics[name], buffer) for name, buffer in model.named_buffers())
 
 
@@ -456,7 +456,7 @@ def test_autocast_is_off_inside_the_tower():
 
 def test_a_bf16_tower_feeds_the_float32_projection_outside_autocast():
     # Probes and pictures may call the tokenizer without autocast: the bf16 tower's output is then cast to the
-    # projection's dtype (before: "expected both operands of the same dtype").
+    # projection's dtype (uncast: "expected both operands of the same dtype").
     model = random_tower_tokenizer(seed=3)
     images = torch.rand(1, 2, 3, 112, 112)
     tokenizer.cast_frozen_tower(model.visual, torch.bfloat16)

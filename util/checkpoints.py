@@ -367,16 +367,15 @@ def checkpoint_kind(checkpoint):
         return "unknown", f"a {type(checkpoint).__name__}, not a dict"
     config = checkpoint.get("config")
     if isinstance(checkpoint.get("model"), dict) and isinstance(config, dict):
-        script = "finetune.py" if "task" in config else "pretrain.py" if "method" in config else None
+        script = "finetune.py" if "task" in config else "pretrain.py"  # (--method is newer than pretrain.py)
         needed = FINETUNE_RESUMABLE if script == "finetune.py" else RESUMABLE
         lacking = [key for key in needed if key not in checkpoint]
         setting = (f"--task {config['task']}" if script == "finetune.py" else
-                   f"--method {config['method']}, --dim {config.get('dim')}" if script else "no script's settings")
-        if script and not lacking:
+                   f"--method {config.get('method', 'kr_mae')}, --dim {config.get('dim')}")
+        if not lacking:
             return script[:-3], (f"a checkpoint of {script} ({setting}) at the end of epoch "
                                  f"{checkpoint['epoch']}")
-        return "weights", (f"a model of {script or 'this project'} ({setting}) without {lacking}, the state a run "
-                           f"continues from")
+        return "weights", f"a model of {script} ({setting}) without {lacking}, the state a run continues from"
     try:
         layout, _, _ = point_mae_checkpoints.project_state(checkpoint, "")
     except ValueError:
@@ -391,8 +390,8 @@ def load_resumable(path, script, fields=None, explicit=None):
     """load_checkpoint, then make sure the file is a checkpoint `script` ("pretrain.py", "finetune.py") wrote to
     continue a run; otherwise a ValueError naming the file, what it holds, what was expected and the flag that
     takes it. fields: the script's settings; saved settings this version does not have are an error (the run
-    cannot continue exactly). With `explicit` (the flags given on the command line) a setting this version has but
-    the checkpoint lacks is an error too, unless given explicitly."""
+    cannot continue exactly). With `explicit` (the flags given on the command line) the settings this version has
+    but the checkpoint does not record, and no flag gives, are named: they take this version's defaults."""
     checkpoint = load_checkpoint(path)
     kind, found = checkpoint_kind(checkpoint)
     wanted = script[:-3]
@@ -414,16 +413,16 @@ def load_resumable(path, script, fields=None, explicit=None):
     saved = checkpoint["config"]
     if fields is not None:
         unknown = sorted(set(saved) - set(fields))
+        if unknown:
+            raise ValueError(f"{path!r} was written by another version of {script}: its settings {unknown} do not exist "
+                             f"in this version, so it cannot be continued exactly (continue it with the version that "
+                             f"wrote it, or start a new run from its weights"
+                             + (f" with --init_from {path})." if script == "pretrain.py" else ")."))
         missing = sorted(set(fields) - set(saved) - set(explicit)) if explicit is not None else []
-        if unknown or missing:
-            raise ValueError(
-                f"{path!r} was written by another version of {script}: "
-                + "; ".join(text for text in (
-                    f"its settings {unknown} do not exist in this version, so it cannot be continued exactly "
-                    f"(continue it with the version that wrote it, or start a new run from its weights"
-                    + (f" with --init_from {path})" if script == "pretrain.py" else ")") if unknown else "",
-                    f"it does not record {['--' + name for name in missing]}, settings of this version: pass each "
-                    f"of them to continue with the value given" if missing else "") if text) + ".")
+        if missing:
+            print(f"{path}: written by an earlier version of {script}, it does not record "
+                  f"{['--' + name for name in missing]}: they take this version's defaults (pass a flag to set "
+                  f"another value).", flush=True)
     return checkpoint
 
 
