@@ -1,5 +1,5 @@
 """CrossAlignNet (Wang et al., PeerJ Computer Science 2025), re-implemented on the Point-MAE backbone; its equations
-are missing from the copy of the paper at hand and are rebuilt from its prose (PEERS.md sec. 4.2, the paper's "Mask
+are missing from the copy of the paper at hand and are rebuilt from its prose (docs/PEERS.md sec. 4.2, the paper's "Mask
 alignment strategy", "Encoders" and "Self-supervised tasks"; the 3-D encoder is this codebase's, so fine-tuning is the
 same as for every method).
 
@@ -8,7 +8,7 @@ patches are masked at random and the image patches by the 3-D mask (mask alignme
 global semantic alignment (GSA: a point-image contrastive loss) and local mask reconstruction (LMR: a decoder that
 cross-attends to the visible image features and regresses the masked 3-D patches).
 
-Equations (paper numbering; every body below is REBUILT from the prose around the marker, PEERS.md 4.2)
+Equations (paper numbering; every body below is REBUILT from the prose around the marker, docs/PEERS.md 4.2)
   Eq. (1):  [u_i, v_i] = pi(K [R|t] c_i)           pixel of patch centre c_i (here: render.py `project`)
   Eq. (2):  I_p(i) = floor(v_i / S) (W / S) + floor(u_i / S)   image patch of centre i (v row, u column)
   mask alignment (no number): image patches are masked by the 3-D mask of the centres they hold (Table 7 modes)
@@ -23,7 +23,7 @@ Equations (paper numbering; every body below is REBUILT from the prose around th
   Eq. (11): L_LMR = CD(P^, P_gt)                               squared-L2 Chamfer, mean over masked patches
   Eq. (12): L = L_LMR + lambda L_GSA
   contrast="ntxent" replaces Eq. (7)-(8) by SimCLR's NT-Xent over [z^_P; z_I] (2B - 2 negatives, as Inter-MAE).
-The steps of `CrossAlignNet.forward` are those of PEERS.md 4.4 (the spec on this codebase), numbered alike.
+The steps of `CrossAlignNet.forward` are those of docs/PEERS.md 4.4 (the spec on this codebase), numbered alike.
 
 At the paper's configuration (the defaults) the model has 56.95 M parameters, against 57.69 M in the paper's Table 9
 (point encoder 21.3 M, image encoder 21.3 M, LMR decoder 9.5 M, GSA decoder 3.5 M, tokenizer, heads and embeddings).
@@ -117,7 +117,7 @@ def random_view_rotations(batch_size, device, max_elevation=math.radians(20)):
     """One random viewpoint per shape: rotations (B, 3, 3) acting on column vectors, p' = Rx(e) Ry(a) p.
 
     NOTE(unspecified): the paper pairs each cloud with the image of its own capture view; we draw the view: azimuth
-    a ~ U[0, 2 pi) about the up axis y (ShapeNet), then elevation e ~ U[-20, 20] degrees about x (PEERS.md 4.4).
+    a ~ U[0, 2 pi) about the up axis y (ShapeNet), then elevation e ~ U[-20, 20] degrees about x (docs/PEERS.md 4.4).
     The renderer then looks at the rotated cloud from its fixed view 0 (PointCLIP V2's first side view, tilted by
     pi/9), so the camera's own tilt adds to e. Drawn anew at every call, from torch's global RNG on `device`.
     """
@@ -181,7 +181,7 @@ def infonce_loss(point_embedding, image_embedding, temperature=0.1):
         images = F.normalize(image_embedding.float(), dim=-1)  # (B, E)
         logits = points @ images.t() / temperature  # (B, B) cos(z^_P^i, z_I^k) / tau
         targets = torch.arange(logits.shape[0], device=logits.device)  # (B,)
-        # Eq. (7), rebuilt from the prose (PEERS.md 4.2): l(i; P->I) = -log softmax_k(cos(z^_P^i, z_I^k) / tau)[i].
+        # Eq. (7), rebuilt from the prose (docs/PEERS.md 4.2): l(i; P->I) = -log softmax_k(cos(z^_P^i, z_I^k) / tau)[i].
         # cross_entropy's row i is l(i; P->I); on the transpose it is l(i; I->P). Their mean over 2B terms: Eq. (8).
         directions = F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)  # Eq. (7)
         return directions / 2  # Eq. (8): the mean over the 2B terms
@@ -271,7 +271,7 @@ class CrossDecoder(nn.Module):
     def forward(self, x, pos, image_features):
         for block in self.blocks:
             x = block(x + pos, image_features)  # (B, G, D)
-        return self.norm(x)  # (B, G, D)  Eq. (9), rebuilt (PEERS.md 4.2)
+        return self.norm(x)  # (B, G, D)  Eq. (9), rebuilt (docs/PEERS.md 4.2)
 
 
 class CrossAlignNet(nn.Module):
@@ -309,7 +309,7 @@ class CrossAlignNet(nn.Module):
 
         # The image of the view. NOTE(deviation): the paper uses Blender RGB(-D) renders of the mesh from the cloud's
         # capture view; we have no meshes, so one PointCLIP V2 depth render (render.py) of the cloud itself.
-        # NOTE(unspecified): voxel grid of half the image side (112 for 224, PEERS.md 4.4), bilinearly upsampled.
+        # NOTE(unspecified): voxel grid of half the image side (112 for 224, docs/PEERS.md 4.4), bilinearly upsampled.
         self.renderer = MultiViewRenderer(num_views=1, image_size=image_size, grid_size=image_size // 2)
         # Image tokens: "partitioned into S x S patches which undergo 2D convolutional operations and are flattened".
         self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)  # one depth channel
@@ -360,9 +360,9 @@ class CrossAlignNet(nn.Module):
             rotation = random_view_rotations(points.shape[0], points.device)  # (B, 3, 3)
         rotated_points, rotated_centers = rotate(points, rotation), rotate(centers, rotation)  # (B, N, 3), (B, G, 3)
         images = self.renderer(rotated_points)[:, 0, :1]  # (B, 1, H, W) one view, one of its 3 equal channels
-        # Eq. (1), rebuilt from the prose (PEERS.md 4.2): the pixel (row v, column u) of every centre.
+        # Eq. (1), rebuilt from the prose (docs/PEERS.md 4.2): the pixel (row v, column u) of every centre.
         center_pixels = self.renderer.project(rotated_points, rotated_centers)[:, 0]  # (B, G, 2)  Eq. (1)
-        # Eq. (2), rebuilt from the prose (PEERS.md 4.2): I_p = floor(v / S) (W / S) + floor(u / S), row-major.
+        # Eq. (2), rebuilt from the prose (docs/PEERS.md 4.2): I_p = floor(v / S) (W / S) + floor(u / S), row-major.
         center_patch = pixels_to_patches(center_pixels, self.image_size, self.patch_size)  # (B, G)  Eq. (2)
         return images, center_pixels, center_patch
 
@@ -396,44 +396,44 @@ class CrossAlignNet(nn.Module):
         # F_I^m and the paper credits masking for a cheaper image encoder, so we encode the visible tokens only.
         image_tokens = gather_tokens(self.embed_image(images), image_visible_index)  # (B, Pv, D)
         image_pos = gather_tokens(self.image_pos.expand(batch_size, -1, -1), image_visible_index)  # (B, Pv, D)
-        # Eq. (4), rebuilt from the prose (PEERS.md 4.2): F_I^v = E_I(T_I^v + pos_2D).
+        # Eq. (4), rebuilt from the prose (docs/PEERS.md 4.2): F_I^v = E_I(T_I^v + pos_2D).
         image_features = self.image_encoder(image_tokens, image_pos)  # (B, Pv, D)  Eq. (4)
 
         # Step 6, Eq. (3): the point encoder over the visible groups.
         visible_centers = gather_tokens(centers, visible_index)  # (B, Gv, 3)
         masked_centers = gather_tokens(centers, masked_index)  # (B, Gm, 3)
         visible_tokens = gather_tokens(tokens, visible_index)  # (B, Gv, D)
-        # Eq. (3), rebuilt from the prose (PEERS.md 4.2): F_P^v = E_P(T_P^v + pos).
+        # Eq. (3), rebuilt from the prose (docs/PEERS.md 4.2): F_P^v = E_P(T_P^v + pos).
         encoded = self.encoder(visible_tokens, self.encoder_pos(visible_centers))  # (B, Gv, D)  Eq. (3)
         all_centers = torch.cat([visible_centers, masked_centers], dim=1)  # (B, G, 3) visible first
 
         # Step 7, GSA, Eq. (5)-(8).
         gsa_input = torch.cat([encoded, self.gsa_mask_token.expand(batch_size, num_masked, -1)], dim=1)  # (B, G, D)
         gsa_output = self.gsa_decoder(gsa_input, self.gsa_pos(all_centers))  # (B, G, D)
-        # Eq. (5), rebuilt from the prose (PEERS.md 4.2): z^_P = H_P(Pool(D_G([F_P^v ; T_P^m] + pos))).
+        # Eq. (5), rebuilt from the prose (docs/PEERS.md 4.2): z^_P = H_P(Pool(D_G([F_P^v ; T_P^m] + pos))).
         point_embedding = self.point_head(global_pool(gsa_output))  # (B, E)  Eq. (5)
-        # Eq. (6), rebuilt from the prose (PEERS.md 4.2): z_I = H_I(Pool(F_I^v)).
+        # Eq. (6), rebuilt from the prose (docs/PEERS.md 4.2): z_I = H_I(Pool(F_I^v)).
         image_embedding = self.image_head(global_pool(image_features))  # (B, E)  Eq. (6)
         contrast = infonce_loss if self.contrast == "infonce" else ntxent_loss
-        # Eq. (7)-(8), rebuilt from the prose (PEERS.md 4.2): L_GSA = (1 / 2B) sum_i [l(i; P->I) + l(i; I->P)].
+        # Eq. (7)-(8), rebuilt from the prose (docs/PEERS.md 4.2): L_GSA = (1 / 2B) sum_i [l(i; P->I) + l(i; I->P)].
         loss_gsa = contrast(point_embedding, image_embedding, self.temperature)  # Eq. (7)-(8)
 
         # Step 8, LMR, Eq. (9)-(11).
         lmr_input = torch.cat([encoded, self.lmr_mask_token.expand(batch_size, num_masked, -1)], dim=1)  # (B, G, D)
         lmr_pos = self.lmr_pos(all_centers)  # (B, G, D)
-        # Eq. (9), rebuilt from the prose (PEERS.md 4.2): F_dec = D_L([F_P^v ; T_P^m] + pos, F_I^v).
+        # Eq. (9), rebuilt from the prose (docs/PEERS.md 4.2): F_dec = D_L([F_P^v ; T_P^m] + pos, F_I^v).
         decoded = self.lmr_decoder(lmr_input, lmr_pos, image_features)  # (B, G, D)  Eq. (9)
         predicted = self.lmr_head(decoded[:, -num_masked:])  # (B, Gm, 3K)
-        # Eq. (10), rebuilt from the prose (PEERS.md 4.2): Reshape(H_rec(F_dec[masked])).
+        # Eq. (10), rebuilt from the prose (docs/PEERS.md 4.2): Reshape(H_rec(F_dec[masked])).
         predicted = predicted.reshape(batch_size, num_masked, self.group_size, 3)  # (B, Gm, K, 3)  Eq. (10)
         target = gather_tokens(neighborhoods, masked_index)  # (B, Gm, K, 3)
         # NOTE(unspecified): the paper's "enhanced Chamfer Distance" is not defined; we use Point-MAE's squared-L2
         # Chamfer, averaged over the masked groups of the batch.
         group_errors = chamfer_distance(predicted.flatten(0, 1), target.flatten(0, 1))  # (B * Gm,)
-        # Eq. (11), rebuilt from the prose (PEERS.md 4.2): L_LMR = CD(P^, P_gt).
+        # Eq. (11), rebuilt from the prose (docs/PEERS.md 4.2): L_LMR = CD(P^, P_gt).
         loss_rec = group_errors.mean()  # Eq. (11)
 
-        # Eq. (12), rebuilt from the prose (PEERS.md 4.2): L = L_LMR + lambda L_GSA.
+        # Eq. (12), rebuilt from the prose (docs/PEERS.md 4.2): L = L_LMR + lambda L_GSA.
         # NOTE(unspecified): with lambda = 0 L_GSA is still computed and returned (logged), but not added, so the GSA
         # decoder and heads get no gradient (the Table 8 "L_LMR only" row).
         loss = loss_rec + self.gsa_weight * loss_gsa if self.gsa_weight > 0 else loss_rec  # Eq. (12)

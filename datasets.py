@@ -2,7 +2,7 @@
 
 The KR-MAE paper ("Experiments") pre-trains on ShapeNet (1,024 points per shape), fine-tunes on ScanObjectNN
 (OBJ-BG, OBJ-ONLY, PB-T50-RS; 2,048 points), runs n-way m-shot classification on ModelNet40 and part
-segmentation on ShapeNetPart (2,048 points, 50 part labels), following Point-MAE's recipe (REFERENCE.md sections
+segmentation on ShapeNetPart (2,048 points, 50 part labels), following Point-MAE's recipe (docs/REFERENCE.md sections
 5 and 8). This file holds one reader per dataset and the augmentations; the built-in synthetic shapes that need no
 files are in synthetic.py. Neither file imports the other: copy either one alone.
 
@@ -531,7 +531,7 @@ class ModelNet40(Dataset):
     Returns (points (M, 3) float32, label ()), M = self.points_per_sample: 8192 with Point-MAE's cache, which is
     already in farthest-point order (so its first N points are an N-point FPS). num_points (the N the model needs,
     1024) is only checked: a shape with fewer points is an error. The N-point subsets are drawn later, per step,
-    by the training script (REFERENCE.md section 8).
+    by the training script (docs/REFERENCE.md section 8).
 
     Data on disk: Point-MAE's cache modelnet40_{split}_8192pts_fps.dat when it is in the folder; otherwise the txt
     files are decoded ONCE, on the first use of a split, and that cache is written next to them (atomically: a
@@ -753,7 +753,7 @@ class ModelNet40(Dataset):
         count = min(counts)
         points = np.empty((len(stored_points), count, 3), dtype=np.float32)  # (S, M, 3)
         for index, stored in enumerate(stored_points):
-            # Point-MAE: pc_normalize over ALL stored points, before any sub-sampling (REFERENCE.md section 8).
+            # Point-MAE: pc_normalize over ALL stored points, before any sub-sampling (docs/REFERENCE.md section 8).
             points[index] = normalize_unit_sphere(np.asarray(stored)[:count, :3].astype(np.float64))  # (M, 3)
         return points
 

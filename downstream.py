@@ -14,8 +14,8 @@ Segmentation head (Point-MAE):     f_i = [hidden blocks 4, 8, 12 of token i]    
                                    -> propagation MLP 3D + 3 -> 4D -> 1024                 (B, N, 1024)
                                    [propagated ; global] -> Conv1d 512 -> 256 -> part logits (B, N, parts)
 
-Point-MAE's recipe (REFERENCE sec. 8): a classification set returns ALL stored points, normalised over all of them;
-training takes an FPS of 1200 (for 1024) from a random start and a fresh random 1024 of those EVERY step, then
+Point-MAE's recipe (docs/REFERENCE.md sec. 8): a classification set returns ALL stored points, normalised over all of
+them; training takes an FPS of 1200 (for 1024) from a random start and a fresh random 1024 of those EVERY step, then
 scale-and-translate; testing takes an FPS of 1024; voting re-draws the 1024 and the augmentation on every pass.
 
 Shapes: B batch, N points, G groups/tokens, K points per group, D width, M generic count.
@@ -117,7 +117,7 @@ def hidden_blocks(depth):
 
 
 class PartSegmenter(PointEncoder):
-    """Point-MAE's part segmentation model (REFERENCE sec. 7-8) on the pre-trained 3-D path, in its layer order:
+    """Point-MAE's part segmentation model (docs/REFERENCE.md sec. 7-8) on the pre-trained 3-D path, in its layer order:
     features of 3 encoder blocks -> feature propagation to every point ([xyz ; interpolated], MLP 3D + 3 -> 4D ->
     1024) -> [propagated ; global] -> Conv1d 512 -> 256 -> part logits."""
 
@@ -183,7 +183,7 @@ def restrict_to_category(logits, category, part_ranges):
 
 
 def part_miou(logits_or_pred, target, category, part_ranges):
-    """Part segmentation metrics (REFERENCE sec. 1): logits (B, N, parts) or predictions (B, N), target (B, N),
+    """Part segmentation metrics (docs/REFERENCE.md sec. 1): logits (B, N, parts) or predictions (B, N), target (B, N),
     category (B,). Logits are first restricted to the category's parts. For each shape, the IoU of each part of
     its category (1 when the part is absent from both prediction and truth), averaged over those parts.
     Returns (instance mIoU = mean over shapes, class mIoU = mean over categories of their shapes' mean,

@@ -4,7 +4,7 @@ model chooses which tokens stay visible (2D-guided masking) and gives the visibl
 features back-projected onto their points (2D-semantic reconstruction).
 
 The seed document is the paper's supplement, which has no equations; the official code is the authority, so the map
-names its functions (models/I2P_MAE.py, clip_attn/model.py) and the supplement's tables (PEERS.md section 3).
+names its functions (models/I2P_MAE.py, clip_attn/model.py) and the supplement's tables (docs/PEERS.md section 3).
   proj2img        3 orthographic axis views from cyclic permutations (x, y, z), (z, x, y), (y, z, x): the first two
                   coordinates pick the pixel, the third is summed over a 5 x 5 splat, then sigmoid and ImageNet
                   normalisation                                            -> orthographic_splat, pixel_of
@@ -22,7 +22,7 @@ names its functions (models/I2P_MAE.py, clip_attn/model.py) and the supplement's
                   nearest points); supplement Table 2: "Concat" beats "Ave"
   runner          loss = L_3D + w_2d L_2D, w_2d = 1
 The backbone (tokenizer_3d, encoder_pos, encoder, the 4-block decoder) is this codebase's Point-MAE, not the
-official Point-M2AE hierarchy: fine-tuning loads the 3-D path unchanged (PEERS.md section 1).
+official Point-M2AE hierarchy: fine-tuning loads the 3-D path unchanged (docs/PEERS.md section 1).
 
 Shapes: B batch, N points, G groups (tokens), K points per group, D width, Gv / Gm visible / masked tokens,
 V = 3 views, H x W image (H = W = image_size), g x g patch grid, P = g^2 patches, C CLIP feature width (512 for
@@ -298,7 +298,7 @@ class I2PMAE(nn.Module):
         # 512 first-level centres); our tokens group K = 32 input points, so the target takes each visible token's
         # T = 8 nearest input points (T = K is allowed but costs a 384 -> 49,152 head).
         self.target_points, self.weight_2d = target_points, weight_2d  # official runner: loss_3d + loss_2d
-        # The 3-D path fine-tuning keeps, named and built exactly as kr_mae.KRMAE's (PEERS.md section 1).
+        # The 3-D path fine-tuning keeps, named and built exactly as kr_mae.KRMAE's (docs/PEERS.md section 1).
         self.tokenizer_3d = PointTokenizer(num_groups=num_groups, group_size=group_size, dim=dim,
                                            skip_near_origin=skip_near_origin)
         self.encoder_pos = CenterEmbedding(dim=dim)
@@ -370,7 +370,7 @@ class I2PMAE(nn.Module):
             return visible_index, masked_index, saliency.new_ones(())
         visible_index, masked_index, log_probs = guided_masking(saliency, self.mask_ratio, self.saliency_temperature)
         # Near 1 with the official tau = 1: attention probabilities are about 1 / P, so softmax(s) is almost uniform
-        # (PEERS.md 3.6, risk 1); logged to show how much the guidance actually guides.
+        # (docs/PEERS.md 3.6, risk 1); logged to show how much the guidance actually guides.
         return visible_index, masked_index, normalised_entropy(log_probs).mean()
 
     def forward(self, points):

@@ -195,7 +195,8 @@ class KRMAE(nn.Module):
         tokens, centers, neighborhoods = self.tokenizer_3d(points)  # (B, G, D), (B, G, 3), (B, G, K, 3)  Eq. (3)
         out = {"centers": centers, "neighborhoods": neighborhoods}
 
-        # The rendered views and their tokens first (nothing random: the masks below draw as before).
+        # The rendered views and their tokens first. They draw no random numbers, so the masks below draw the same
+        # numbers with or without the 2-D branch.
         if cfg.use_2d:
             tokens_2d, patch_index, attention = self.image_tokens(points, centers)  # (B, V, P, D), (B, V, G)
 

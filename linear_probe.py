@@ -411,7 +411,7 @@ def format_probes(result):
         f"  few-shot         {few_shot['shots']} shapes per class, LinearSVC C = {few_shot['C']:g} fixed, "
         f"{few_shot['draws']} draws:  test {few_shot['accuracy_mean']:.1f} % / {few_shot['mean']:.1f} +- "
         f"{few_shot['std']:.1f} %",
-        "  published protocol (REFERENCE sec. 9; for numbers beside published ones, not for differences):",
+        "  published protocol (docs/REFERENCE.md sec. 9; for numbers beside published ones, not for differences):",
         f"  literature       SVC linear, C = {literature['C']:g} fixed, raw max pooling:  "
         f"train {literature['train_accuracy']:.1f} %, test {literature['test_accuracy']:.1f} % / "
         f"{literature['test_class_mean_accuracy']:.1f} %",

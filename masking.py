@@ -45,7 +45,7 @@ def sample_without_replacement(log_probs: torch.Tensor, num_samples: int, genera
     """Draw num_samples distinct indices (B, M) per row of log_probs (B, G), in draw order (Gumbel-top-k).
 
     Adding independent Gumbel(0, 1) noise to log p and taking the top M has the same distribution as M
-    sequential draws without replacement (REFERENCE.md sec. 4); the descending order of the keys is the draw
+    sequential draws without replacement (docs/REFERENCE.md sec. 4); the descending order of the keys is the draw
     order. `generator` (a torch.Generator on the device of log_probs) makes the draw reproducible.
     """
     if not 0 <= num_samples <= log_probs.shape[-1]:
@@ -83,7 +83,7 @@ class ReinforcedMasking(nn.Module):
 
     NOTE(unspecified): "a lightweight MHA" is all the paper says. We use one pre-LayerNorm residual block,
     h = x + MHA(LN(x)), with nn.MultiheadAttention (num_heads heads), then Linear(D, 1) and a softmax over the G
-    tokens (AdaMAE's layout, REFERENCE.md sec. 4). The Linear starts at zero, so the initial policy is uniform,
+    tokens (AdaMAE's layout, docs/REFERENCE.md sec. 4). The Linear starts at zero, so the initial policy is uniform,
     i.e. exactly Point-MAE's random masking, and only departs from it as L_S teaches it.
     NOTE(unspecified): the policy reads DETACHED tokens by default (detach_input=True), so L_S trains only the
     policy and never shapes the tokenizer; detach_input=False lets L_S reach the tokens.
@@ -134,7 +134,7 @@ def reinforce_loss(log_probs: torch.Tensor, masked_index: torch.Tensor, token_er
     Minimising L_S raises the probability of masked tokens that were hard to reconstruct, so they tend to be
     visible next time. The errors are a reward: detached here, so L_S never trains the reconstruction.
     NOTE(deviation): paper sums over the masked tokens; we average over masked tokens and the batch (AdaMAE,
-    REFERENCE.md sec. 4) so that lambda does not depend on G, the mask ratio or the batch size.
+    docs/REFERENCE.md sec. 4) so that lambda does not depend on G, the mask ratio or the batch size.
     NOTE(unspecified): baseline=True subtracts each shape's mean masked-token error (a variance-reducing
     REINFORCE baseline); the paper has none, so the default is False.
     """

@@ -1,4 +1,4 @@
-"""Point-MAE's released checkpoints, read into this project's layout (REFERENCE sec. 7).
+"""Point-MAE's released checkpoints, read into this project's layout (docs/REFERENCE.md sec. 7).
 
 This project's `--no-use_2d --masking random` model computes what Point-MAE's code computes, and its fine-tuning
 models are Point-MAE's, so Point-MAE's files load here after a rename of their keys (plus a squeeze of the 1x1
@@ -110,7 +110,7 @@ def convert_state(state, layout):
         converted[ours] = value
     if unknown:
         raise ValueError(f"{len(unknown)} keys of this {layout} file match nothing in its layout, e.g. {unknown[:5]}; "
-                         f"expected the keys of REFERENCE sec. 7 (is it a checkpoint of another model?).")
+                         f"expected the keys of docs/REFERENCE.md sec. 7 (is it a checkpoint of another model?).")
     return converted
 
 
@@ -152,7 +152,7 @@ def official_key(ours):
 def export_pretrain_state(state, path="<state dict>"):
     """A pre-training state dict of this project (our names) -> (the official pre-training state dict, the names of
     the top-level parts left out). Every tensor of Point-MAE's pre-training model must be there with its official
-    shape (REFERENCE sec. 7, at the width, depths and group size the weights show); anything else is refused."""
+    shape (docs/REFERENCE.md sec. 7, at the width, depths and group size the weights show); anything else is refused."""
     if "reconstruction_head.weight" not in state or "encoder.norm.weight" not in state:
         found = sorted({name.split(".")[0] for name in state})
         raise ValueError(f"{path!r} is not a pre-training model of Point-MAE's shape: it lacks the 3-D encoder's "
@@ -219,7 +219,7 @@ def export_file(source, target):
 
 def official_pretrain_state(dim=384, depth=12, decoder_depth=4, group_size=32, prefix="", generator=None,
                             meta=False):
-    """A state dict in the official pre-training layout (the key names and shapes of REFERENCE sec. 7) filled
+    """A state dict in the official pre-training layout (the key names and shapes of docs/REFERENCE.md sec. 7) filled
     with random values: what the tests and the demo load. prefix="module." mimics a DataParallel save.
     meta=True: shapes only, no memory (tensors on the meta device), what export checks against."""
     def random(*shape):
@@ -266,8 +266,8 @@ def official_pretrain_state(dim=384, depth=12, decoder_depth=4, group_size=32, p
 
 def official_finetuned_state(num_classes=40, part_seg=False, dim=384, depth=12, prefix="", generator=None):
     """A state dict in the official classifier (or, part_seg=True, part segmentation) layout with random values:
-    the pre-training file's encoder without `MAE_encoder.`, plus the head of REFERENCE sec. 7. num_classes is the
-    number of classes, or of parts (50) for part segmentation (its category embedding is 16-way)."""
+    the pre-training file's encoder without `MAE_encoder.`, plus the head of docs/REFERENCE.md sec. 7. num_classes is
+    the number of classes, or of parts (50) for part segmentation (its category embedding is 16-way)."""
     def random(*shape):
         return torch.randn(*shape, generator=generator)
 

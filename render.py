@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# PointCLIP V2 realistic-projection constants (REFERENCE sec. 2).
+# PointCLIP V2 realistic-projection constants (docs/REFERENCE.md sec. 2).
 DEPTH_BIAS = 0.2  # PointCLIP V2: zf = ((z + 1) / 2 + 0.2) / 1.2 * (depth_bins - 2)
 SIDE_TILT = math.pi / 9  # PointCLIP V2: extra tilt of the 8 side views
 TOP_TILT = math.pi / 15  # PointCLIP V2: extra tilt of the top and bottom views
@@ -128,7 +128,7 @@ def pixels_to_patches(pixels: torch.Tensor, image_size: int, patch_size: int = 1
     if pixels.shape[-1] != 2:
         raise ValueError(f"pixels must end in a (row, col) axis of size 2, but have shape {tuple(pixels.shape)}.")
     rows, cols = pixels.long().unbind(-1)  # (...), (...)
-    # Row-major patch order, as a ViT flattens its patch grid (REFERENCE sec. 3).
+    # Row-major patch order, as a ViT flattens its patch grid (docs/REFERENCE.md sec. 3).
     return (rows // patch_size) * (image_size // patch_size) + cols // patch_size  # (...)
 
 
@@ -198,7 +198,7 @@ class MultiViewRenderer(nn.Module):
         return normalised * ratio  # (B, V, M, 3)
 
     def grid_coordinates(self, normalised: torch.Tensor):
-        """Voxel (row, col), depth bin and continuous depth zf of normalised points, REFERENCE sec. 2 formulas
+        """Voxel (row, col), depth bin and continuous depth zf of normalised points, docs/REFERENCE.md sec. 2 formulas
         exactly: each of row, col and bin is rounded up, then clipped where PointCLIP V2 clips it.
         NOTE(deviation): PointCLIP V2 writes the grid at (x, y) and reads the image back at (y, x); we use one
         convention everywhere: row from x', column from y' (the layout of PointCLIP V2's rendered images)."""

@@ -5,7 +5,7 @@
     python reproduce.py --data_root data --dry_run        (the plan: commands, GPU hours, data; runs nothing)
     python reproduce.py --preset tiny --data synthetic    (the whole chain on the built-in shapes, a CPU, minutes)
 
-The plan, per --method (paper "Fine-tuning Setup", Point-MAE's recipe, REFERENCE sec. 8):
+The plan, per --method (paper "Fine-tuning Setup", Point-MAE's recipe, docs/REFERENCE.md sec. 8):
     pretrain        python pretrain.py --method M                              ShapeNet55, 300 epochs, seed 0
     Table 1         python finetune.py --task scan_objectnn --variant V --seed S   V: obj_bg, obj_only, pb_t50_rs
     Table 2         python finetune.py --task fewshot --way n --shot m --folds 0,...,9   n: 5, 10; m: 10, 20
@@ -99,7 +99,7 @@ DATA = {
 }
 TASK_DATA = {"pretrain": "ShapeNet55", "scan_objectnn": "ScanObjectNN", "fewshot": "ModelNet40 few-shot",
              "partseg": "ShapeNetPart", "modelnet40": "ModelNet40"}
-# (train, test) shapes, REFERENCE sec. 5 (ShapeNetPart: its split files, train + val = 12137 + 1870, test 2874).
+# (train, test) shapes, docs/REFERENCE.md sec. 5 (ShapeNetPart: its split files, train + val = 12137 + 1870, test 2874).
 SIZES = {"pretrain": (41952, 0), "obj_bg": (2309, 581), "obj_only": (2309, 581), "pb_t50_rs": (11416, 2882),
          "partseg": (14007, 2874), "modelnet40": (9843, 2468)}
 

@@ -44,8 +44,8 @@ def farthest_point_sample(points, num_samples, start_index=None, skip_near_origi
     Each step takes the point farthest from everything chosen so far (ties: lowest index, as argmax does).
     The loop runs over the G samples only; batch and points are vectorised.
     skip_near_origin=True reproduces the CUDA kernel of Point-MAE's official code (pointnet2_ops), which never
-    picks a point with x^2 + y^2 + z^2 <= 1e-3 after the first one (REFERENCE sec. 7); only for exact parity with
-    checkpoints trained that way. When every point left is that close, it picks point 0 again, as the kernel does.
+    picks a point with x^2 + y^2 + z^2 <= 1e-3 after the first one (docs/REFERENCE.md sec. 7); only for exact parity
+    with checkpoints trained that way. When every point left is that close, it picks point 0 again, as the kernel does.
     """
     batch_size, num_points, _ = points.shape
     if not 1 <= num_samples <= num_points:

@@ -80,7 +80,7 @@ def files(tmp_path_factory):
         torch.save(value, paths[name])
 
     generator = torch.Generator().manual_seed(0)
-    # Point-MAE's pre-training file (REFERENCE sec. 7): base_model, optimizer, epoch, metrics.
+    # Point-MAE's pre-training file (docs/REFERENCE.md sec. 7): base_model, optimizer, epoch, metrics.
     save("official_pretrain", {"base_model": point_mae_checkpoints.official_pretrain_state(
         dim=96, depth=4, decoder_depth=2, group_size=16, prefix="module.", generator=generator),
         "optimizer": {}, "epoch": 299, "metrics": {}})

@@ -1,4 +1,4 @@
-"""Tests of Point-MAE's fine-tuning recipe in finetune.py (REFERENCE sec. 8): per-step FPS resampling, voting,
+"""Tests of Point-MAE's fine-tuning recipe in finetune.py (docs/REFERENCE.md sec. 8): per-step FPS resampling, voting,
 the part-segmentation augmentation and head layout, the initialisation rules, the 40-way few-shot head, and the
 linear probes of `--task svm` on a randomly initialised encoder."""
 import dataclasses
@@ -115,7 +115,7 @@ def test_part_segmentation_head_has_point_mae_layout_at_paper_size():
     model = downstream.PartSegmenter(16, 50, num_groups=128, group_size=32, dim=384, depth=12, num_heads=6)
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     # Point-MAE: propagation_0.mlp_convs 1155 -> 1536 -> 1024 (BN each), convs1 3392 -> 512, convs2 512 -> 256,
-    # convs3 256 -> 50, label_conv 16 -> 64 (REFERENCE sec. 7).
+    # convs3 256 -> 50, label_conv 16 -> 64 (docs/REFERENCE.md sec. 7).
     assert shapes["propagation.0.weight"] == (1536, 1155, 1) and shapes["propagation.1.weight"] == (1536,)
     assert shapes["propagation.3.weight"] == (1024, 1536, 1) and shapes["propagation.4.weight"] == (1024,)
     assert shapes["head.0.weight"] == (512, 3392, 1) and shapes["head.4.weight"] == (256, 512, 1)

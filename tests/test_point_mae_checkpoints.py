@@ -1,4 +1,4 @@
-"""Point-MAE's official checkpoints (REFERENCE sec. 7): files built in the official layouts (its key names and
+"""Point-MAE's official checkpoints (docs/REFERENCE.md sec. 7): files built in the official layouts (its key names and
 shapes, random values) load into this project's models tensor for tensor, give the logits of the same weights loaded
 through our own layout, evaluate with --eval_only, start a pre-training with --init_from; wrong files are refused
 with clear errors. And the FPS variant of Point-MAE's CUDA kernel against a hand-worked case and a slow version."""
@@ -75,7 +75,7 @@ def save_official(tmp_path, state, container="base_model", name="official.pth"):
 
 def test_official_pretraining_file_maps_onto_point_mae_mode_tensor_for_tensor(tmp_path):
     official = pmc.official_pretrain_state(prefix="module.", generator=torch.Generator().manual_seed(0))
-    assert len(official) == 209  # REFERENCE sec. 7, paper size
+    assert len(official) == 209  # docs/REFERENCE.md sec. 7, paper size
     cfg = dataclasses.replace(pretrain.Config(), use_2d=False, masking="random")
     model = kr_mae.KRMAE(cfg)
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -297,7 +297,7 @@ def test_export_round_trips_and_has_exactly_the_official_pre_training_keys(tmp_p
     assert "left out, no place in Point-MAE's model: ['masking', 'selector', 'tokenizer_2d']" in capsys.readouterr().out
     written = torch.load(tmp_path / "pretrain_pointmae.pth", weights_only=True)
     assert written["epoch"] == 4 and written["metrics"] == {}
-    reference = pmc.official_pretrain_state(decoder_depth=2, group_size=16, **TINY)  # REFERENCE sec. 7's layout
+    reference = pmc.official_pretrain_state(decoder_depth=2, group_size=16, **TINY)  # docs/REFERENCE.md sec. 7's layout
     assert list(written["base_model"]) == list(reference) == list(exported)
     assert all(written["base_model"][name].shape == value.shape for name, value in reference.items())
     assert written["base_model"]["increase_dim.0.weight"].shape == (48, 96, 1)  # the 1x1 convolution restored
@@ -314,7 +314,7 @@ def test_export_round_trips_and_has_exactly_the_official_pre_training_keys(tmp_p
 def test_export_at_paper_size_gives_the_209_tensors_of_the_official_file():
     state = kr_mae.KRMAE(pretrain.build_config(["--method", "point_mae"])).state_dict()
     written = pmc.export_pretrain_state(state)[0]
-    official = pmc.official_pretrain_state(meta=True)  # REFERENCE sec. 7 at paper size
+    official = pmc.official_pretrain_state(meta=True)  # docs/REFERENCE.md sec. 7 at paper size
     assert len(written) == 209 and list(written) == list(official)
     assert all(written[name].shape == value.shape for name, value in official.items())
 

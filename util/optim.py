@@ -15,7 +15,7 @@ def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
 
     NOTE(deviation): Point-MAE uses timm's CosineLRScheduler stepped once per EPOCH, warming up from 1e-6 and
     counting the cosine from epoch 0; we step per batch, warm up from base_lr / warmup_steps and run the cosine
-    over the steps after the warm-up, a smoother schedule with the same end points (REFERENCE sec. 8)."""
+    over the steps after the warm-up, a smoother schedule with the same end points (docs/REFERENCE.md sec. 8)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

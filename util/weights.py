@@ -25,7 +25,7 @@ def encoder_state_dict(model_state):
             if name.startswith(ENCODER_PREFIXES) and ".fusion_mlp." not in name}
 
 
-# What --init_from copies: the parts Point-MAE's pre-training model has (REFERENCE sec. 7).
+# What --init_from copies: the parts Point-MAE's pre-training model has (docs/REFERENCE.md sec. 7).
 POINT_MAE_PREFIXES = ENCODER_PREFIXES + ("mask_token", "decoder_pos.", "decoder.", "reconstruction_head.")
 
 
