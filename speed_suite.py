@@ -370,7 +370,7 @@ def markdown(result):
 
 def strict(value):
     """`value` with NaN and inf as None: strict JSON (RFC 8259 has no NaN), e.g. for a run's log line that printed a
-    NaN loss. Twin of the one inside bench.write_json."""
+    NaN loss. Twin of bench.strict (this file imports no module of ours)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
