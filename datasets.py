@@ -581,7 +581,7 @@ class ModelNet40(Dataset):
             if stale:
                 print(f"ModelNet40 {self.split}: rebuilding {self.cache_path}: {stale}", flush=True)
             sources = [str(path) for path in paths]
-            stored_points, labels = self._build_cache(ids, paths, labels, fps_device)
+            stored_points, labels = self._build_cache(ids, paths, labels, fps_device, stale_cache=self._file_stamp())
         wrong_size = next((index for index, label in enumerate(labels) if np.size(label) != 1), None)
         if wrong_size is not None:
             raise ValueError(f"{sources[wrong_size]}: expected one label per shape (Point-MAE: an array of shape "
@@ -698,14 +698,23 @@ class ModelNet40(Dataset):
         record = {"cache_size_mtime_ns": [cache_stat.st_size, cache_stat.st_mtime_ns], **record}
         self.record_path.write_text(json.dumps(record))
 
-    def _build_cache(self, ids, paths, labels, fps_device):
+    def _file_stamp(self):
+        """(size, modification time) of the cache file, or None when there is none."""
+        if not self.cache_path.is_file():
+            return None
+        stat = self.cache_path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def _build_cache(self, ids, paths, labels, fps_device, stale_cache=None):
         """Decode and FPS-order every txt file once, then try to save Point-MAE's cache next to the data, with the
         record of what it was built from. One process builds a cache at a time, holding '<cache>.lock' beside it
         (checkpoints.folder_lock): another one that needs the same cache waits for it, then reads the finished
         cache; a temporary file of a killed build is removed before the next build writes."""
         with checkpoints.folder_lock(f"{self.cache_path}.lock", f"ModelNet40 {self.split} cache", wait=True,
                                      optional=True):  # optional: a read-only folder builds in memory, unlocked
-            if self.cache_path.is_file():  # written (with its record) by the process this one waited for?
+            # A cache other than the stale one this process found (stale_cache: its size and modification time) was
+            # written, with its record, by the process this one waited for: read it if it matches the list.
+            if self.cache_path.is_file() and self._file_stamp() != stale_cache:
                 cached_points, cached_labels = self._load_cache()
                 if self._check_cache((ids, paths, labels), cached_labels) is None:
                     return cached_points, cached_labels
