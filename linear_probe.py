@@ -11,8 +11,9 @@ Protocols (what probe_all reports):
                      min_w 1/2 |w|^2 + C sum_i max(0, 1 - y_i (w . x_i + b)) per class pair.
                      I2P-MAE / Point-M2AE's protocol; ModelNet40 accuracy reported 93.4 (I2P-MAE), 92.4 (Joint-MAE),
                      about 91 for Point-MAE-style backbones. Comparable with those papers, nothing more.
-    cross-validated  LinearSVC on L2-normalised "max_mean" features, one-vs-rest squared hinge (liblinear);
-                     C chosen from a log grid by stratified k-fold cross-validation on the TRAINING split only,
+    cross-validated  LinearSVC's problem on L2-normalised "max_mean" features, one-vs-rest squared hinge, solved
+                     for every C, fold and class at once by linear_svm.py (liblinear's objective, checked against
+                     it); C chosen from a log grid by stratified k-fold cross-validation on the TRAINING split only,
                      then refitted on the whole training split. The chosen C is reported.
     nearest-neighbour  1-NN with cosine similarity on "max_mean": y_hat(i) = y_train[argmax_j <z_i, z_j>],
                      z = f / |f|. No parameter at all.
@@ -59,6 +60,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import SVC, LinearSVC
 
+import linear_svm
 from downstream import PointEncoder, backbone_arguments, init_head, test_points
 from util.weights import load_pretrained
 
@@ -199,11 +201,10 @@ def feature_geometry(features):
 
 
 def normalised_linear_svc(c):
-    """L2-normalise each sample, then a one-vs-rest squared-hinge linear SVM: the scale-free classifier.
-    NOTE(unspecified): LinearSVC (liblinear) rather than SVC(kernel="linear") (libsvm): cross-validation fits
-    len(C_GRID) x folds models, and libsvm slows down sharply as C grows, while liblinear's time grows little with C
-    (ModelNet40's size, 7874 x 768 per fold: 10-25 s per fit on 2 CPU cores, so the whole search takes minutes).
-    dual="auto" picks the primal solver when M > F (ModelNet40) and the dual one otherwise (few-shot draws).
+    """L2-normalise each sample, then a one-vs-rest squared-hinge linear SVM (liblinear): the few-shot probe's
+    classifier, and the reference the cross-validated probe's own solver (linear_svm.py) is tested against.
+    NOTE(unspecified): LinearSVC (liblinear) rather than SVC(kernel="linear") (libsvm): libsvm slows down sharply
+    as C grows. dual="auto" picks the dual solver for the few-shot draws (M < F) and the primal one otherwise.
     random_state fixes the dual solver's coordinate order, so a fit is a pure function of its inputs."""
     return make_pipeline(Normalizer(norm="l2"),
                          LinearSVC(C=c, dual="auto", max_iter=LINEAR_SVC_MAX_ITER, random_state=0))
@@ -233,11 +234,32 @@ def literature_svm(train_x, train_y, test_x, test_y, c=LITERATURE_C, sweep=LITER
     return {"protocol": "literature", "pooling": "max", **published, "c_sweep": c_sweep}
 
 
-def choose_c(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
-    """C of the scale-free SVM by stratified k-fold cross-validation on the training split alone.
+def _unit(features):
+    """Each row divided by its L2 norm (M, F); a zero row stays zero, as scikit-learn's Normalizer leaves it."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)  # (M, 1)
+    return features / np.where(norms == 0, 1.0, norms)
+
+
+class NormalisedLinearSVM:
+    """A fitted scale-free SVM: L2-normalise each sample, then argmax_k <w_k, [x ; 1]> (linear_svm.predict)."""
+
+    def __init__(self, weights, classes):
+        self.weights, self.classes = weights, classes  # (F1, K) float64, (K,)
+
+    def predict(self, features):
+        return linear_svm.predict(self.weights, self.classes, _unit(np.asarray(features, dtype=np.float64)))
+
+
+def fit_cross_validated_svm(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
+    """C of the scale-free SVM by stratified k-fold cross-validation on the training split alone, and the SVM
+    refitted with that C on the whole training split -> (classifier, selection). The classifier normalises by
+    itself: give it raw features.
     The same folds serve every C. Score = accuracy of the out-of-fold predictions (each training sample is
     predicted once, by the model that did not see it). Ties go to the smaller C: the more regularised model.
-    A class with fewer samples than `folds` lowers the folds to its count; a class of 1 sample is an error."""
+    A class with fewer samples than `folds` lowers the folds to its count; a class of 1 sample is an error.
+    Every fold and the refit, at every C, are solved at once by linear_svm.squared_hinge_path (LinearSVC's
+    objective, checked against it in tests/test_linear_svm.py): about 90 s at full ModelNet40 size on 2 idle CPU
+    cores, where each of the 41 LinearSVC fits took 11-25 s (docs/PROBES.md)."""
     train_x, train_y = _split(train_x, train_y, "training")
     classes, counts = np.unique(train_y, return_counts=True)
     if len(classes) < 2:
@@ -254,30 +276,33 @@ def choose_c(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
     grid = sorted(float(c) for c in c_grid)  # ascending, so the strict ">" below keeps the smaller C on a tie
     if not grid or grid[0] <= 0:
         raise ValueError(f"Expected a non-empty grid of positive C values, but found {list(c_grid)}.")
-    cv_accuracies, best_c, best_correct = [], None, -1
-    for c in grid:
+    unit = _unit(train_x)  # (M, F)
+    masks = np.ones((len(unit), used_folds + 1), dtype=bool)  # (M, folds + 1): each fold's training rows, then all
+    for fold, (_, held_out_index) in enumerate(splits):
+        masks[held_out_index, fold] = False
+    svm_classes, path = linear_svm.squared_hinge_path(unit, train_y, masks, grid)  # (K,), (G, F1, folds + 1, K)
+    cv_accuracies, best, best_correct = [], None, -1
+    for index in range(len(grid)):
         correct = 0  # an integer count, so that ties are exact
-        for fit_index, held_out_index in splits:
-            classifier = normalised_linear_svc(c).fit(train_x[fit_index], train_y[fit_index])
-            correct += int(np.sum(classifier.predict(train_x[held_out_index]) == train_y[held_out_index]))
+        for fold, (_, held_out_index) in enumerate(splits):
+            predicted = linear_svm.predict(path[index, :, fold], svm_classes, unit[held_out_index])
+            correct += int(np.sum(predicted == train_y[held_out_index]))
         cv_accuracies.append(100.0 * correct / len(train_y))
         if correct > best_correct:
-            best_c, best_correct = c, correct
-    return {"C": best_c, "cv_accuracy": 100.0 * best_correct / len(train_y), "folds": used_folds,
-            "folds_requested": int(folds), "c_grid": grid, "cv_accuracies": cv_accuracies}
+            best, best_correct = index, correct
+    selection = {"C": grid[best], "cv_accuracy": 100.0 * best_correct / len(train_y), "folds": used_folds,
+                 "folds_requested": int(folds), "c_grid": grid, "cv_accuracies": cv_accuracies}
+    return NormalisedLinearSVM(path[best, :, used_folds], svm_classes), selection
 
 
-def fit_cross_validated_svm(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
-    """choose_c, then the scale-free SVM refitted on the whole training split -> (classifier, selection).
-    The classifier normalises by itself: give it raw features."""
-    selection = choose_c(train_x, train_y, c_grid, folds, seed)
-    train_x, train_y = _split(train_x, train_y, "training")
-    return normalised_linear_svc(selection["C"]).fit(train_x, train_y), selection
+def choose_c(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
+    """fit_cross_validated_svm's selection alone: {C, cv_accuracy, folds, folds_requested, c_grid, cv_accuracies}."""
+    return fit_cross_validated_svm(train_x, train_y, c_grid, folds, seed)[1]
 
 
 def cross_validated_svm(train_x, train_y, test_x, test_y, c_grid=C_GRID, folds=5, seed=0):
     """The scale-free protocol: pass the raw "max_mean" features; each sample is L2-normalised here, C is chosen by
-    cross-validation on the training split (choose_c) and the model refitted on all of it."""
+    cross-validation on the training split (fit_cross_validated_svm) and the model refitted on all of it."""
     classifier, selection = fit_cross_validated_svm(train_x, train_y, c_grid, folds, seed)
     train_x, train_y = _split(train_x, train_y, "training")
     test_x, test_y = _split(test_x, test_y, "test")
