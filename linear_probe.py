@@ -483,6 +483,40 @@ def bench_features(train_size=9843, test_size=2468, num_classes=40, width=384, s
     return train[:, :width], train, train_y, test[:, :width], test, test_y
 
 
+def compare_with_liblinear(train_x, train_y, test_x, test_y, c_values):
+    """linear_svm.squared_hinge_path (the whole path over c_values, as the CV probe runs it) against one LinearSVC
+    fit per C, on L2-normalised features -> one dict per C: both test accuracies, the test predictions that
+    differ, the weights' relative difference, both objectives summed over the classes, and LinearSVC's time."""
+    train_x, train_y = _split(train_x, train_y, "training")
+    test_x, test_y = _split(test_x, test_y, "test")
+    unit, test_unit = _unit(train_x), _unit(test_x)
+    grid = sorted(float(c) for c in c_values)
+    classes, path = linear_svm.squared_hinge_path(unit, train_y, np.ones((len(unit), 1), bool), grid)
+    z = np.hstack([unit, np.ones((len(unit), 1))])  # (M, F1)
+    signs = np.where(train_y[:, None] == classes.numpy()[None, :], 1.0, -1.0)  # (M, K)
+
+    def objective(weights):  # 1/2 |w|^2 + C sum max(0, 1 - t <w, z>)^2, summed over the K problems
+        slack = np.maximum(0.0, 1.0 - signs * (z @ weights))
+        return float(0.5 * (weights ** 2).sum() + c * (slack ** 2).sum())
+
+    rows = []
+    for index, c in enumerate(grid):
+        started = time.perf_counter()
+        reference = LinearSVC(C=c, dual=False, max_iter=LINEAR_SVC_MAX_ITER, random_state=0).fit(unit, train_y)
+        seconds = time.perf_counter() - started
+        theirs = np.vstack([reference.coef_.T, reference.intercept_[None, :]])  # (F1, K); 2 classes: one column
+        ours = path[index, :, 0].numpy()[:, -theirs.shape[1]:]
+        predicted, expected = linear_svm.predict(path[index, :, 0], classes, test_unit), reference.predict(test_unit)
+        rows.append({"C": c, "test_accuracy": _accuracy(predicted, test_y),
+                     "liblinear_test_accuracy": _accuracy(expected, test_y),
+                     "predictions_differing": int(np.sum(predicted != expected)),
+                     "weights_relative_difference": float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)),
+                     "objective": objective(path[index, :, 0].numpy()) if theirs.shape[1] > 1 else None,
+                     "liblinear_objective": objective(theirs) if theirs.shape[1] > 1 else None,
+                     "liblinear_seconds": seconds})
+    return rows
+
+
 def bench(args):
     """The probes named by args.probes on bench_features, one flushed line per stage, then the times and the
     machine's load (a shared machine's load changes every time)."""
@@ -496,7 +530,9 @@ def bench(args):
               "nn": lambda: nearest_neighbour_probe(train_max_mean, train_y, test_max_mean, test_y),
               "fewshot": lambda: few_shot_probe(train_max_mean, train_y, test_max_mean, test_y),
               "cv": lambda: cross_validated_svm(train_max_mean, train_y, test_max_mean, test_y),
-              "literature": lambda: literature_svm(train_max, train_y, test_max, test_y)}
+              "literature": lambda: literature_svm(train_max, train_y, test_max, test_y),
+              "liblinear": lambda: compare_with_liblinear(train_max_mean, train_y, test_max_mean, test_y,
+                                                          [float(c) for c in args.compare_c.split(",")])}
     result, seconds, cpu = {}, {}, {}
     for name in args.probes.split(","):
         if name not in stages:
@@ -612,7 +648,10 @@ if __name__ == "__main__":
     parser.add_argument("--test_size", type=int, default=2468, help="bench: test shapes (ModelNet40: 2468)")
     parser.add_argument("--threads", type=int, default=2, help="bench: torch threads")
     parser.add_argument("--probes", default="geometry,nn,fewshot,cv,literature",
-                        help="bench: the stages to time, comma-separated, in order")
+                        help="bench: the stages to time, comma-separated, in order (also: liblinear, "
+                             "linear_svm beside LinearSVC at --compare_c)")
+    parser.add_argument("--compare_c", default="100",
+                        help="bench, stage 'liblinear': the C values at which linear_svm is set beside LinearSVC")
     arguments = parser.parse_args()
     if arguments.bench:
         bench(arguments)

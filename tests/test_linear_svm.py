@@ -99,3 +99,13 @@ def test_bad_inputs_are_named():
 def test_predict_takes_the_first_class_on_a_tie():
     weights = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # (F1 = 2, K = 3): k 0, 1 tie
     assert linear_svm.predict(weights, torch.tensor([3, 5, 7]), np.array([[2.0], [-2.0]])).tolist() == [3, 7]
+
+
+def test_compare_with_liblinear_reports_agreement_and_both_objectives():
+    import linear_probe
+    x, y = overlapping_classes(rows=300, seed=3)
+    rows = linear_probe.compare_with_liblinear(x[:200], y[:200], x[200:], y[200:], [1.0, 10.0])
+    assert [row["C"] for row in rows] == [1.0, 10.0]
+    for row in rows:
+        assert row["predictions_differing"] == 0 and row["test_accuracy"] == row["liblinear_test_accuracy"]
+        assert row["objective"] <= row["liblinear_objective"] * (1 + 1e-9)  # ours is at least as optimal
