@@ -138,6 +138,11 @@ def rank_main(rank, world_size, port, runs):
                 pass  # both ranks stop at the same point, before any collective of that epoch
         with open(f"{trace_prefix}.rank{rank}.json", "w") as handle:
             json.dump(trace, handle)
+    # Leave the process group before the interpreter exits: a gloo group still alive at exit can abort the process
+    # ("terminate called without an active exception", SIGABRT) after its work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_two_ranks(runs):
