@@ -295,11 +295,6 @@ def fit_cross_validated_svm(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
     return NormalisedLinearSVM(path[best, :, used_folds], svm_classes), selection
 
 
-def choose_c(train_x, train_y, c_grid=C_GRID, folds=5, seed=0):
-    """fit_cross_validated_svm's selection alone: {C, cv_accuracy, folds, folds_requested, c_grid, cv_accuracies}."""
-    return fit_cross_validated_svm(train_x, train_y, c_grid, folds, seed)[1]
-
-
 def cross_validated_svm(train_x, train_y, test_x, test_y, c_grid=C_GRID, folds=5, seed=0):
     """The scale-free protocol: pass the raw "max_mean" features; each sample is L2-normalised here, C is chosen by
     cross-validation on the training split (fit_cross_validated_svm) and the model refitted on all of it."""

@@ -31,10 +31,12 @@ ours; docs/PROBES.md).
 
 Shapes: M rows, F features, F1 = F + 1, S masks, K classes, P = S * K problems, G the C grid.
 """
+import warnings
+
 import torch
 
 NEWTON_TOLERANCE = 1e-5  # liblinear's primal stopping rule with this tol (LinearSVC's default: 1e-4)
-MAX_NEWTON_STEPS = 100  # per C; a column not converged by then keeps its last iterate (never reached in tests)
+MAX_NEWTON_STEPS = 100  # per C; a column not converged by then keeps its last iterate, and a warning says so
 MAX_CG_STEPS = 200  # per Newton step
 CG_FORCING = 0.1  # a Newton step's CG stops when every residual is below this share of its first one
 ARMIJO = 0.01  # sufficient-decrease constant of the backtracking line search
@@ -116,6 +118,11 @@ def squared_hinge_path(features, labels, masks, c_grid, tol=NEWTON_TOLERANCE):
                 length = torch.where(accepted, length, 0.5 * length)
             V[:, columns] = V_now + length * direction
             f, active, slack = _objective(V, Z, T, in_mask, c)
+        else:  # the steps ran out: say so (a silently unconverged fit would mislead, as liblinear's warning says)
+            todo = (V - 2 * c * (Z.T @ (slack * T))).norm(dim=0) > eps * start_norm  # (P,) after the last step
+            warnings.warn(f"linear_svm: {int(todo.sum())} of {len(todo)} problems at C = {c:g} did not reach the "
+                          f"stopping rule in {MAX_NEWTON_STEPS} Newton steps; their last iterate is kept.",
+                          RuntimeWarning)
         path.append((rotation @ V).reshape(-1, num_masks, num_classes))  # (F1, S, K) original coordinates
     return classes, torch.stack(path)  # (K,), (G, F1, S, K)
 

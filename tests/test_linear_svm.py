@@ -109,3 +109,10 @@ def test_compare_with_liblinear_reports_agreement_and_both_objectives():
     for row in rows:
         assert row["predictions_differing"] == 0 and row["test_accuracy"] == row["liblinear_test_accuracy"]
         assert row["objective"] <= row["liblinear_objective"] * (1 + 1e-9)  # ours is at least as optimal
+
+
+def test_a_path_that_runs_out_of_newton_steps_says_so(monkeypatch):
+    x, y = overlapping_classes(seed=4)
+    monkeypatch.setattr(linear_svm, "MAX_NEWTON_STEPS", 1)
+    with pytest.warns(RuntimeWarning, match=r"problems at C = 1000 did not reach the stopping rule in 1 Newton"):
+        linear_svm.squared_hinge_path(x, y, np.ones((len(x), 1), bool), [1000.0])
