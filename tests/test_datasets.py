@@ -220,6 +220,17 @@ def test_block_fps_picks_exactly_what_the_dense_update_picks_on_the_real_shapes(
                        dense_farthest_point_sample(points, 8192))
 
 
+def test_morton_codes_interleave_the_cell_bits_x_then_y_then_z():
+    # Hand-made cells of a 1024^3 grid over the box [0, 1023]^3: the code's bit 3k + a is bit k of axis a's cell.
+    cells = torch.tensor([[0, 0, 0], [1023, 1023, 1023], [1, 0, 0], [0, 1, 0], [0, 0, 1], [5, 3, 1000], [1023, 0, 512]])
+    points = cells.float()[None]  # (1, 7, 3); the box is exactly the grid
+    codes = datasets._morton_codes(points, torch.ones(1, 7, dtype=torch.bool))[0]
+    expected = [sum(((cell[axis] >> bit) & 1) << (3 * bit + axis) for bit in range(10) for axis in range(3))
+                for cell in cells.tolist()]
+    assert codes.tolist() == expected
+    assert expected[:5] == [0, 2 ** 30 - 1, 1, 2, 4]
+
+
 def test_batched_fps_takes_every_point_once_even_with_duplicates():
     cloud = np.random.default_rng(5).normal(size=(10, 3)).astype(np.float32)
     cloud = np.concatenate([cloud, cloud[:4]])  # (14, 3): points 10..13 duplicate points 0..3
