@@ -523,7 +523,7 @@ def build_modelnet40_fps_cache(paths, labels, num_samples=MODELNET40_CACHE_POINT
     stored_points, stored_labels = [], []
     start = last_report = time.perf_counter()
     for first in range(0, len(paths), chunk_size):
-        # Decode a chunk of files (17-27 ms per 10000-line file, measured on the CPU of the docstring below).
+        # Decode a chunk of files (18-20 ms per 10000-line file on one CPU thread; docs/RELIABILITY.md).
         tables = [_read_text_table(path, 6) for path in paths[first:first + chunk_size]]  # each (N_i, 6)
         counts = torch.tensor([table.shape[0] for table in tables])  # (B,)
         # Pad the chunk to its largest shape; padding rows are never chosen (num_valid).
