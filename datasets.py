@@ -157,10 +157,10 @@ def _read_text_table(path, expected_columns):
     if num_columns == 0:
         raise ValueError(f"{path} is empty: expected lines of {expected_columns} numbers (one point per line), "
                          f"found no points.")
-    # Fast path (1.6x faster on ModelNet40's files): numpy's C reader, for a table with one kind of separator,
-    # commas (ModelNet40) or whitespace (ShapeNetPart). It gives the same float32 values as the general path
-    # (tests/test_datasets.py checks both on the real files); whatever it refuses is read by the general path,
-    # which accepts mixed separators and names what is wrong.
+    # Fast path (1.2-1.4x faster per ModelNet40 file, docs/RELIABILITY.md): numpy's C reader, for a table with one
+    # kind of separator, commas (ModelNet40) or whitespace (ShapeNetPart). It gives the same float32 values as the
+    # general path (tests/test_datasets.py checks both on the real files); whatever it refuses is read by the
+    # general path, which accepts mixed separators and names what is wrong.
     try:
         table = np.loadtxt(io.StringIO(text), delimiter="," if "," in first_line else None, dtype=np.float32,
                            comments=None, ndmin=2)  # (M, C)
